@@ -1,0 +1,157 @@
+"""Read a ViT's class-token attention over its patches through forward hooks, without touching model code.
+
+The hook sits on the ``qkv`` projection of the last attention block. From its output it rebuilds only the
+class-token query row: softmax(q_cls k^T * scale) over all keys, mean over heads. That is one (B, H, 1, D) x
+(B, H, D, N) matmul, so the block keeps its fused ``scaled_dot_product_attention`` and no N x N map exists.
+The hook never returns a value, so the student's outputs and gradients are untouched.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+
+class CaptureError(RuntimeError):
+    """The student cannot provide attention scores, or the loss asked for scores it did not produce."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP (``.module``) and torch.compile (``._orig_mod``) wrappers, in any nesting."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel) or (
+            type(model).__name__ in ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
+            and isinstance(getattr(model, "module", None), nn.Module)
+        ):
+            model = model.module
+        else:
+            return model
+
+
+def find_last_attention(model: nn.Module) -> nn.Module:
+    """The last self-attention module with a fused ``qkv`` projection (timm ``Attention`` and look-alikes)."""
+    found = None
+    for module in unwrap_model(model).modules():
+        if isinstance(getattr(module, "qkv", None), nn.Linear) and hasattr(module, "num_heads"):
+            found = module
+    if found is None:
+        raise CaptureError(
+            f"student {type(unwrap_model(model)).__name__} has no recognisable attention block (a module with a "
+            "fused `qkv` nn.Linear and `num_heads`, as in timm's VisionTransformer/DeiT): use mask_mode='random' "
+            "or 'none', or a ViT-family student")
+    return found
+
+
+def patch_grid(model: nn.Module) -> Optional[Tuple[int, int]]:
+    """The model's patch grid (rows, cols) as built, or None if it has no ``patch_embed.grid_size``."""
+    grid = getattr(getattr(unwrap_model(model), "patch_embed", None), "grid_size", None)
+    return (int(grid[0]), int(grid[1])) if grid is not None else None
+
+
+def _in_backward() -> bool:
+    # Activation checkpointing re-runs the forward inside backward; that recompute must not overwrite scores.
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+class _ScoreHook:
+    """Forward hook bound to one module and one capture by weak references.
+
+    ``copy.deepcopy`` treats weak references as atomic, so a deep-copied model (an EMA copy) carries a hook that
+    still points at the original module: it sees a different module, returns at once and never writes into the loss.
+    """
+
+    def __init__(self, capture: "AttentionCapture", module: nn.Module):
+        self.capture_ref = weakref.ref(capture)
+        self.module_ref = weakref.ref(module)
+
+    def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        capture = self.capture_ref()
+        if capture is None or module is not self.module_ref() or not capture.enabled:
+            return
+        if not (capture.always or (capture.attn.training and torch.is_grad_enabled())) or _in_backward():
+            return
+        capture._record(output)
+
+
+class AttentionCapture:
+    """Class-token attention over patch tokens of one model's last attention block, for the batch just seen.
+
+    ``always=False`` (students): only training forwards with grad enabled are read, so evaluation pays nothing.
+    ``always=True`` (a teacher read under no_grad for the 'teacher' mask criterion).
+    """
+
+    def __init__(self, model: nn.Module, *, always: bool = False):
+        self.model = unwrap_model(model)
+        self.attn = find_last_attention(self.model)
+        self.grid = patch_grid(self.model)
+        self.always = always
+        self.enabled = True
+        self._scores: Optional[torch.Tensor] = None
+        self._handle = self.attn.qkv.register_forward_hook(_ScoreHook(self, self.attn.qkv))
+
+    @torch.no_grad()
+    def _record(self, qkv: torch.Tensor) -> None:
+        # Outside autocast: the score row is tiny, and float32 keeps bf16 ties from deciding the top-k.
+        with torch.autocast(device_type=qkv.device.type, enabled=False):
+            self._scores = self._class_attention(qkv)
+
+    def _class_attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        attn = self.attn
+        heads = attn.num_heads
+        head_dim = qkv.shape[-1] // (3 * heads)
+        batch, tokens = qkv.shape[0], qkv.shape[1]
+        qkv = qkv.detach().float().view(batch, tokens, 3, heads, head_dim)
+        q = attn.q_norm(qkv[:, :1, 0].transpose(1, 2)) if hasattr(attn, "q_norm") else qkv[:, :1, 0].transpose(1, 2)
+        k = attn.k_norm(qkv[:, :, 1].transpose(1, 2)) if hasattr(attn, "k_norm") else qkv[:, :, 1].transpose(1, 2)
+        scale = float(getattr(attn, "scale", head_dim ** -0.5))
+        probs = torch.softmax((q.float() * scale) @ k.float().transpose(-2, -1), dim=-1)  # (B, H, 1, N)
+        probs = probs.mean(dim=1).squeeze(1)  # (B, N): mean over heads, as the paper reads it
+        return probs[:, tokens - self._num_patches(tokens):]
+
+    def _num_patches(self, tokens: int) -> int:
+        # Prefix tokens = whatever precedes the patch grid (cls; cls+dist; registers), so count patches, not prefixes.
+        if self.grid is not None and self.grid[0] * self.grid[1] < tokens:
+            return self.grid[0] * self.grid[1]
+        prefix = int(getattr(self.model, "num_prefix_tokens", 1))
+        return tokens - prefix
+
+    def take(self, batch_size: int) -> torch.Tensor:
+        """Scores (B, num_patches) of the last captured forward; consumed, so a stale batch can never be reused."""
+        scores, self._scores = self._scores, None
+        if scores is None:
+            raise CaptureError(
+                "no student attention was captured since the last loss call: run the student on this batch in "
+                "train mode with grad enabled before calling the loss (criterion(samples, model(samples), y)); "
+                "reentrant activation checkpointing hides the forward, use timm's default non-reentrant mode")
+        if scores.shape[0] != batch_size:
+            raise CaptureError(
+                f"captured student attention is for a batch of {scores.shape[0]} but the loss got {batch_size} "
+                "samples: call the loss with the samples the student just processed")
+        return scores
+
+    def score_grid(self, num_patches: int) -> Tuple[int, int]:
+        """(rows, cols) of the score map for ``num_patches`` patches."""
+        if self.grid is not None and self.grid[0] * self.grid[1] == num_patches:
+            return self.grid
+        side = int(round(num_patches ** 0.5))
+        if side * side != num_patches:
+            raise CaptureError(f"cannot infer a patch grid for {num_patches} student patches")
+        return side, side
+
+    def remove(self) -> None:
+        """Detach the hook; the model is left exactly as it was before."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self._scores = None
+
+    def __del__(self):
+        try:
+            self.remove()
+        except Exception:
+            pass

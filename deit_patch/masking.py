@@ -1,0 +1,89 @@
+"""Turn patch scores into the indices of the teacher patches to keep.
+
+Every criterion returns a (B, num_keep) LongTensor of teacher patch indices, sorted ascending so the kept
+tokens keep their raster order (the teacher's output does not depend on it, but determinism and debugging do).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def resample_scores(scores: torch.Tensor, *, src_grid: Tuple[int, int], dst_grid: Tuple[int, int]) -> torch.Tensor:
+    """Map (B, src_h*src_w) scores onto a (B, dst_h*dst_w) grid (a patch14 teacher for a patch16 student, ...)."""
+    if tuple(src_grid) == tuple(dst_grid):
+        return scores
+    batch = scores.shape[0]
+    grid = scores.reshape(batch, 1, src_grid[0], src_grid[1]).float()
+    # Antialiasing when shrinking averages the student patches each teacher patch covers instead of sampling one.
+    shrinking = dst_grid[0] < src_grid[0] or dst_grid[1] < src_grid[1]
+    out = F.interpolate(grid, size=tuple(dst_grid), mode="bilinear", align_corners=False, antialias=shrinking)
+    return out.reshape(batch, dst_grid[0] * dst_grid[1])
+
+
+def topk_indices(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
+    """Indices of the ``num_keep`` highest scores per row, ascending."""
+    return scores.topk(num_keep, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def random_indices(batch_size: int, num_patches: int, num_keep: int, *, device: torch.device,
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A uniform random subset per sample, from torch's RNG (so a seed reproduces it)."""
+    noise = torch.rand(batch_size, num_patches, device=device, generator=generator)
+    return topk_indices(noise, num_keep)
+
+
+def _by_scores(*, scores: Optional[torch.Tensor], batch_size: int, num_patches: int, num_keep: int,
+               device: torch.device) -> torch.Tensor:
+    if scores is None or scores.shape != (batch_size, num_patches):
+        raise ValueError(f"score-based masking needs scores of shape ({batch_size}, {num_patches}), got "
+                         f"{None if scores is None else tuple(scores.shape)}")
+    return topk_indices(scores, num_keep)
+
+
+def _at_random(*, scores: Optional[torch.Tensor], batch_size: int, num_patches: int, num_keep: int,
+               device: torch.device) -> torch.Tensor:
+    return random_indices(batch_size, num_patches, num_keep, device=device)
+
+
+# name -> (selector, where its scores come from: 'student', 'teacher' or None)
+MASK_MODES: Dict[str, Tuple[Callable[..., torch.Tensor], Optional[str]]] = {
+    "attention": (_by_scores, "student"),   # MaskedKD: the student's last-layer class-token attention
+    "random": (_at_random, None),           # the paper's random-mask baseline
+    "teacher": (_by_scores, "teacher"),     # analysis only: needs a full teacher pass first, saves nothing
+}
+
+
+def select_patches(mode: str, *, scores: Optional[torch.Tensor], batch_size: int, num_patches: int,
+                   num_keep: int, device: torch.device) -> torch.Tensor:
+    """(B, num_keep) kept teacher patch indices for mask criterion ``mode``."""
+    if mode not in MASK_MODES:
+        raise ValueError(f"unknown mask_mode {mode!r}: choose one of {sorted(MASK_MODES) + ['none']}")
+    if not 1 <= num_keep <= num_patches:
+        raise ValueError(f"num_keep={num_keep} is outside [1, {num_patches}] teacher patches")
+    selector, _ = MASK_MODES[mode]
+    return selector(scores=scores, batch_size=batch_size, num_patches=num_patches, num_keep=num_keep, device=device)
+
+
+def resolve_num_keep(*, num_patches: int, keep_ratio: Optional[float], num_keep: Optional[int]) -> int:
+    """The teacher patch count to keep, from a ratio or an absolute count (both given must agree)."""
+    if keep_ratio is not None and not 0.0 < float(keep_ratio) <= 1.0:
+        raise ValueError(f"keep_ratio={keep_ratio} is outside (0, 1]: give the fraction of teacher patches to keep, "
+                         "e.g. 0.5, or 1.0 to disable masking")
+    if num_keep is not None:
+        if int(num_keep) != num_keep or not 1 <= int(num_keep) <= num_patches:
+            raise ValueError(f"num_keep={num_keep} is outside [1, {num_patches}] (the teacher has {num_patches} "
+                             "patches): pass a count in range, or keep_ratio instead")
+        num_keep = int(num_keep)
+        if keep_ratio is not None and num_keep != _ratio_to_count(keep_ratio, num_patches):
+            raise ValueError(f"keep_ratio={keep_ratio} ({_ratio_to_count(keep_ratio, num_patches)} of {num_patches} "
+                             f"patches) disagrees with num_keep={num_keep}: pass only one of them")
+        return num_keep
+    return _ratio_to_count(1.0 if keep_ratio is None else keep_ratio, num_patches)
+
+
+def _ratio_to_count(keep_ratio: float, num_patches: int) -> int:
+    # Round to nearest, never below one patch: 0.5 of 196 is the paper's 98.
+    return max(1, min(num_patches, int(round(float(keep_ratio) * num_patches))))
