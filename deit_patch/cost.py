@@ -35,10 +35,9 @@ def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> Counter:
 
 def count_gflops(module: nn.Module, inputs: Tuple[Any, ...], *, per: int = 1) -> float:
     """fvcore GFLOPs of ``module(*inputs)``, divided by ``per`` (the batch size, for a per-image figure)."""
-    from fvcore.nn import FlopCountAnalysis
-
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about python-side shape logic
+        warnings.simplefilter("ignore")  # fvcore's import and the tracer warn about things that do not matter here
+        from fvcore.nn import FlopCountAnalysis
         analysis = FlopCountAnalysis(module, inputs)
         analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)

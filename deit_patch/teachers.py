@@ -28,6 +28,8 @@ class TeacherFamily:
     embed: Callable[[nn.Module, torch.Tensor], Tuple[torch.Tensor, int]]
     # (model, prefix + kept patch tokens) -> logits, pooled the teacher's own way
     finish: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    # model -> tokens the blocks process besides the patches (what ``embed`` puts in front), for token accounting
+    num_prefix: Callable[[nn.Module], int] = lambda model: int(getattr(model, "num_prefix_tokens", 1))
 
 
 TEACHER_FAMILIES: Dict[str, TeacherFamily] = {}
@@ -144,7 +146,8 @@ def _deit_repo_finish(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return (model.head(tokens[:, 0]) + model.head_dist(tokens[:, 1])) / 2
 
 
-register_family(TeacherFamily("deit_repo_distilled", _is_deit_repo_distilled, _deit_repo_embed, _deit_repo_finish))
+register_family(TeacherFamily("deit_repo_distilled", _is_deit_repo_distilled, _deit_repo_embed, _deit_repo_finish,
+                              num_prefix=lambda model: 2))
 
 
 # --- timm Cait: patches run alone through the self-attention blocks; the class token joins afterwards --------
@@ -165,4 +168,5 @@ def _cait_finish(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return model.forward_head(model.norm(torch.cat([cls, tokens], dim=1)))
 
 
-register_family(TeacherFamily("cait", _is_cait, _cait_embed, _cait_finish))
+# The class token only enters the last class-attention blocks, so the self-attention blocks see patches alone.
+register_family(TeacherFamily("cait", _is_cait, _cait_embed, _cait_finish, num_prefix=lambda model: 0))

@@ -1,0 +1,109 @@
+"""Give the teacher the input it was trained on: its own normalisation statistics and a resolution it accepts.
+
+DeiT's pipeline normalises with ImageNet's mean/std. Many timm teachers (``vit_*.augreg*``, CLIP, EVA) expect
+other statistics; fed the student's tensor unchanged they still produce logits, just worse ones. Undoing one
+normalisation and applying the other is a per-channel affine map, ``x * scale + shift``, done in one fused op.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .capture import unwrap_model
+
+Stats = Tuple[Tuple[float, ...], Tuple[float, ...]]
+IMAGENET_STATS: Stats = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+class TeacherInputError(ValueError):
+    """The teacher cannot take the student's input as it is."""
+
+
+def model_stats(model: Optional[nn.Module]) -> Optional[Stats]:
+    """(mean, std) from a timm model's ``pretrained_cfg``, or None when the model does not say."""
+    if model is None:
+        return None
+    cfg = getattr(unwrap_model(model), "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is None or std is None:
+        return None
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def resolve_stats(*, mean: Optional[Sequence[float]], std: Optional[Sequence[float]], model: Optional[nn.Module],
+                  fallback: Stats, side: str) -> Tuple[Stats, str]:
+    """Explicit values win, then the model's pretrained_cfg, then ``fallback``; also says which was used."""
+    from_model = model_stats(model)
+    if (mean is None) != (std is None) and from_model is None:
+        raise TeacherInputError(f"{side}_mean and {side}_std must be given together")
+    base, source = (from_model, "pretrained_cfg") if from_model is not None else (fallback, "default")
+    if mean is not None or std is not None:
+        source = "explicit"
+    stats = (tuple(float(m) for m in (mean if mean is not None else base[0])),
+             tuple(float(s) for s in (std if std is not None else base[1])))
+    if len(stats[0]) != len(stats[1]) or any(s <= 0 for s in stats[1]):
+        raise TeacherInputError(f"{side} statistics {stats} are invalid: mean and std need one value per channel "
+                                "and std must be positive")
+    return stats, source
+
+
+class InputRenorm(nn.Module):
+    """``x`` normalised with the student's statistics -> the same image normalised with the teacher's.
+
+    x_t = (x * std_s + mean_s - mean_t) / std_t = x * (std_s / std_t) + (mean_s - mean_t) / std_t.
+    When the statistics agree the module is the identity and adds no op to the step.
+    """
+
+    def __init__(self, *, student: Stats, teacher: Stats, student_source: str = "", teacher_source: str = ""):
+        super().__init__()
+        if len(student[0]) != len(teacher[0]):
+            raise TeacherInputError(f"student statistics have {len(student[0])} channels, teacher's have "
+                                    f"{len(teacher[0])}: pass teacher_mean/teacher_std matching the input channels")
+        self.student, self.teacher = student, teacher
+        self.sources = (student_source, teacher_source)
+        self.active = not all(abs(a - b) < 1e-7 for a, b in zip(student[0] + student[1], teacher[0] + teacher[1]))
+        mean_s, std_s = (torch.tensor(v).view(1, -1, 1, 1) for v in student)
+        mean_t, std_t = (torch.tensor(v).view(1, -1, 1, 1) for v in teacher)
+        self.register_buffer("scale", std_s / std_t, persistent=False)
+        self.register_buffer("shift", (mean_s - mean_t) / std_t, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return x
+        return torch.addcmul(self.shift.to(x.dtype), x, self.scale.to(x.dtype))
+
+    def describe(self) -> str:
+        fmt = lambda s: "mean=(" + ", ".join(f"{v:.4g}" for v in s[0]) + ") std=(" + ", ".join(f"{v:.4g}" for v in s[1]) + ")"
+        line = (f"student input {fmt(self.student)} [{self.sources[0]}]; teacher expects {fmt(self.teacher)} "
+                f"[{self.sources[1]}]")
+        return line + ("; re-normalising the teacher's input" if self.active else "; same statistics, no conversion")
+
+
+def build_renorm(*, student: Optional[nn.Module], teacher: nn.Module,
+                 student_mean=None, student_std=None, teacher_mean=None, teacher_std=None) -> InputRenorm:
+    """Statistics for both sides (explicit > pretrained_cfg > ImageNet, DeiT's pipeline) as an ``InputRenorm``."""
+    s_stats, s_src = resolve_stats(mean=student_mean, std=student_std, model=student, fallback=IMAGENET_STATS,
+                                   side="student")
+    # A teacher that does not state its statistics is assumed to share the student's, as in DeiT.
+    t_stats, t_src = resolve_stats(mean=teacher_mean, std=teacher_std, model=teacher, fallback=s_stats,
+                                   side="teacher")
+    return InputRenorm(student=s_stats, teacher=t_stats, student_source=s_src, teacher_source=t_src)
+
+
+def check_resolution(teacher: nn.Module, image_hw: Tuple[int, int]) -> None:
+    """Refuse, with the fix, an input size a fixed-size patch-token teacher would reject deep in its forward."""
+    model = unwrap_model(teacher)
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is None or getattr(model, "dynamic_img_size", False):
+        return  # CNNs take any size; dynamic ViTs resample their position embedding themselves
+    expected = getattr(patch_embed, "img_size", None)
+    if expected is None or not getattr(patch_embed, "strict_img_size", True):
+        return
+    if tuple(expected) != tuple(image_hw):
+        raise TeacherInputError(
+            f"teacher {type(model).__name__} was built for {tuple(expected)} input but the batch is {tuple(image_hw)}: "
+            f"create it at the student's resolution (timm.create_model(..., img_size={image_hw[0]}); its position "
+            "embedding is resampled when the checkpoint loads, as main_maskedkd.py does) or with dynamic_img_size=True")

@@ -1,0 +1,311 @@
+"""Distillation losses: DeiT's ``DistillationLoss`` and its drop-in replacement ``MaskedDistillationLoss``.
+
+Both are called exactly as in DeiT: ``loss = criterion(samples, outputs, labels)``. The masked loss shows the
+teacher only the patches the student attended to in the forward pass that produced ``outputs``
+(MaskedKD, Son et al.), read through a forward hook, so neither model's code changes.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deit_patch.capture import AttentionCapture, unwrap_model
+from deit_patch.cost import SupervisionCost, TokenMeter, student_gflops, teacher_gflops
+from deit_patch.masking import MASK_MODES, resample_scores, resolve_num_keep, select_patches
+from deit_patch.teacher_input import InputRenorm, build_renorm, check_resolution
+from deit_patch.teachers import PrunedTeacher, pruned_forward, require_family, teacher_grid
+
+Outputs = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+DISTILLATION_TYPES = ("none", "soft", "hard")
+KD_REDUCTIONS = ("numel", "batchmean")
+
+
+def soft_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tau: float, reduction: str) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened distributions, times tau^2.
+
+    'numel' is DeiT's (sum / number of logits); 'batchmean' is the per-sample mean used by the MaskedKD code.
+    """
+    log_s = F.log_softmax(student_logits.float() / tau, dim=1)
+    log_t = F.log_softmax(teacher_logits.float() / tau, dim=1)
+    kl = F.kl_div(log_s, log_t, reduction="sum", log_target=True) * (tau * tau)
+    return kl / (student_logits.numel() if reduction == "numel" else student_logits.shape[0])
+
+
+def hard_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against the teacher's argmax (DeiT's hard distillation)."""
+    return F.cross_entropy(student_logits, teacher_logits.argmax(dim=1))
+
+
+def _num_classes(model: nn.Module) -> Optional[int]:
+    value = getattr(unwrap_model(model), "num_classes", None)
+    return int(value) if isinstance(value, int) else None
+
+
+class DistillationLoss(nn.Module):
+    """DeiT's distillation loss: base criterion on the class head, KD from the teacher on the distillation head.
+
+    Differences from DeiT, all additive: a student that returns a single Tensor is distilled on those logits;
+    ``kd_reduction='batchmean'``; a clear error instead of a wrong value for bad input; and teacher input
+    re-normalisation when teacher/student statistics are passed (``MaskedDistillationLoss`` does it by default).
+    """
+
+    def __init__(self, base_criterion: nn.Module, teacher_model: Optional[nn.Module], distillation_type: str,
+                 alpha: float, tau: float, *, kd_reduction: str = "numel", student: Optional[nn.Module] = None,
+                 teacher_mean: Optional[Sequence[float]] = None, teacher_std: Optional[Sequence[float]] = None,
+                 student_mean: Optional[Sequence[float]] = None, student_std: Optional[Sequence[float]] = None,
+                 renormalize: Optional[bool] = None):
+        super().__init__()
+        if distillation_type not in DISTILLATION_TYPES:
+            raise ValueError(f"distillation_type={distillation_type!r} is not one of {DISTILLATION_TYPES}")
+        if kd_reduction not in KD_REDUCTIONS:
+            raise ValueError(f"kd_reduction={kd_reduction!r} is not one of {KD_REDUCTIONS}: 'numel' is DeiT's, "
+                             "'batchmean' the MaskedKD paper code's")
+        if distillation_type != "none" and teacher_model is None:
+            raise ValueError(f"distillation_type={distillation_type!r} needs a teacher_model (or use 'none')")
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"alpha={alpha} must lie in [0, 1]: loss = (1 - alpha) * base + alpha * kd")
+        if float(tau) <= 0:
+            raise ValueError(f"tau={tau} must be positive")
+        self.base_criterion = base_criterion
+        self.teacher_model = teacher_model
+        self.distillation_type = distillation_type
+        self.alpha, self.tau = float(alpha), float(tau)
+        self.kd_reduction = kd_reduction
+        if distillation_type != "none":
+            self._check_class_counts(student, teacher_model)
+            teacher_model.eval()
+        explicit = any(v is not None for v in (teacher_mean, teacher_std, student_mean, student_std))
+        if renormalize is None:
+            renormalize = explicit
+        self.renorm: Optional[InputRenorm] = None
+        if renormalize and teacher_model is not None and distillation_type != "none":
+            self.renorm = build_renorm(student=student, teacher=teacher_model, student_mean=student_mean,
+                                       student_std=student_std, teacher_mean=teacher_mean, teacher_std=teacher_std)
+        self.meter = TokenMeter()
+
+    @staticmethod
+    def _check_class_counts(student: Optional[nn.Module], teacher: nn.Module) -> None:
+        if student is None:
+            return
+        s, t = _num_classes(student), _num_classes(teacher)
+        if s is not None and t is not None and s != t:
+            raise ValueError(f"teacher predicts {t} classes but the student {s}: create the teacher with "
+                             f"num_classes={s} and weights trained on the student's classes")
+
+    def train(self, mode: bool = True) -> "DistillationLoss":
+        # The teacher is a fixed target: criterion.train() must never put its dropout/BN into training mode.
+        super().train(mode)
+        if self.teacher_model is not None:
+            self.teacher_model.eval()
+        return self
+
+    # --- the pieces a subclass changes --------------------------------------------------------------------
+    def teacher_input(self, samples: torch.Tensor) -> torch.Tensor:
+        return self.renorm(samples) if self.renorm is not None else samples
+
+    def teacher_logits(self, samples: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.teacher_model(self.teacher_input(samples))
+        self._count_full(samples)
+        return out
+
+    def _count_full(self, samples: torch.Tensor) -> None:
+        model = unwrap_model(self.teacher_model)
+        if hasattr(model, "patch_embed"):
+            patches = teacher_grid(model, tuple(samples.shape[-2:]))
+            num = patches[0] * patches[1]
+            prefix = int(getattr(model, "num_prefix_tokens", 1))
+            self.meter.update(batch=samples.shape[0], prefix=prefix, kept=num, patches=num)
+        else:
+            self.meter.update(batch=samples.shape[0], prefix=0, kept=0, patches=0)
+
+    # --- the call DeiT makes ------------------------------------------------------------------------------
+    def forward(self, inputs: torch.Tensor, outputs: Outputs, labels: torch.Tensor) -> torch.Tensor:
+        outputs, outputs_kd = self._split(outputs)
+        base_loss = self.base_criterion(outputs, labels)
+        if self.distillation_type == "none":
+            return base_loss
+        if inputs.shape[0] != outputs.shape[0]:
+            raise ValueError(f"the loss got {inputs.shape[0]} samples but {outputs.shape[0]} student outputs: pass "
+                             "the samples the student just processed")
+        teacher_out = self.teacher_logits(inputs)
+        if teacher_out.shape != outputs_kd.shape:
+            raise ValueError(f"teacher logits {tuple(teacher_out.shape)} and student logits "
+                             f"{tuple(outputs_kd.shape)} differ: teacher and student must predict the same classes")
+        if self.distillation_type == "soft":
+            kd = soft_kd(outputs_kd, teacher_out, tau=self.tau, reduction=self.kd_reduction)
+        else:
+            kd = hard_kd(outputs_kd, teacher_out)
+        return base_loss * (1 - self.alpha) + kd * self.alpha
+
+    @staticmethod
+    def _split(outputs: Outputs) -> Tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(outputs, torch.Tensor):
+            return outputs, outputs
+        if not isinstance(outputs, (tuple, list)) or len(outputs) != 2:
+            raise TypeError("student outputs must be logits or a (cls_logits, dist_logits) pair, got "
+                            f"{type(outputs).__name__}{'' if not isinstance(outputs, (tuple, list)) else len(outputs)}")
+        cls_out, dist_out = outputs
+        if cls_out.shape != dist_out.shape:
+            raise ValueError(f"class-token logits {tuple(cls_out.shape)} and distillation-token logits "
+                             f"{tuple(dist_out.shape)} differ: a distilled student returns two heads of one shape")
+        return cls_out, dist_out
+
+    def stats(self) -> Dict[str, float]:
+        """Teacher tokens processed since the last reset (for logs)."""
+        return {"teacher_images": self.meter.images, "teacher_tokens": self.meter.tokens,
+                "teacher_tokens_kept_frac": self.meter.kept_fraction}
+
+
+class MaskedDistillationLoss(DistillationLoss):
+    """``DistillationLoss`` whose teacher sees class token(s) + the ``num_keep`` patches the student attends to.
+
+    mask_mode: 'attention' (the student's last-layer class-token attention, MaskedKD), 'random', 'teacher'
+    (analysis only: the teacher's own attention from an extra full pass, saves nothing) or 'none'.
+    With keep_ratio=1.0 or mask_mode='none' the teacher runs unmodified, so the value equals DistillationLoss.
+
+    Fast teacher path (opt-in): ``teacher_dtype=torch.bfloat16`` keeps the teacher's weights in bf16 (no casts per
+    step) and ``compile_teacher=True`` compiles the pruned forward. The keep count is fixed, so shapes are static;
+    a smaller last batch is padded to the compiled batch size instead of triggering a recompile.
+    """
+
+    def __init__(self, base_criterion: nn.Module, teacher_model: Optional[nn.Module], distillation_type: str,
+                 alpha: float, tau: float, *, student: Optional[nn.Module] = None, keep_ratio: Optional[float] = 0.5,
+                 num_keep: Optional[int] = None, mask_mode: str = "attention", kd_reduction: str = "numel",
+                 teacher_mean: Optional[Sequence[float]] = None, teacher_std: Optional[Sequence[float]] = None,
+                 student_mean: Optional[Sequence[float]] = None, student_std: Optional[Sequence[float]] = None,
+                 teacher_dtype: Optional[torch.dtype] = None, compile_teacher: bool = False):
+        super().__init__(base_criterion, teacher_model, distillation_type, alpha, tau, kd_reduction=kd_reduction,
+                         student=student, teacher_mean=teacher_mean, teacher_std=teacher_std,
+                         student_mean=student_mean, student_std=student_std, renormalize=True)
+        if mask_mode != "none" and mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode={mask_mode!r} is not one of {['none'] + sorted(MASK_MODES)}")
+        self.mask_mode = mask_mode
+        self.last_keep_idx: Optional[torch.Tensor] = None
+        self.capture: Optional[AttentionCapture] = None
+        self.family = None
+        self.num_patches = self.num_keep = None
+        self._compiled = None
+        self._compiled_batch = 0
+        self.teacher_dtype = teacher_dtype
+        self.compile_teacher = bool(compile_teacher)
+        if distillation_type == "none":
+            return  # the teacher never runs and nothing is hooked
+        if teacher_dtype is not None:
+            teacher_model.to(dtype=teacher_dtype)
+        masking_asked = mask_mode != "none" and not (keep_ratio in (None, 1.0) and num_keep is None)
+        if masking_asked:
+            self.family = require_family(teacher_model)
+            self.num_patches = teacher_grid(teacher_model)[0] * teacher_grid(teacher_model)[1]
+        elif hasattr(unwrap_model(teacher_model), "patch_embed") and num_keep is not None:
+            self.num_patches = teacher_grid(teacher_model)[0] * teacher_grid(teacher_model)[1]
+        if self.num_patches is not None:
+            self.num_keep = resolve_num_keep(num_patches=self.num_patches, keep_ratio=keep_ratio, num_keep=num_keep)
+        elif num_keep is not None:
+            raise ValueError("num_keep needs a teacher with patch tokens")
+        else:
+            resolve_num_keep(num_patches=1, keep_ratio=keep_ratio, num_keep=None)  # range check only
+        if mask_mode == "none" or self.num_keep is None or self.num_keep == self.num_patches:
+            self.family = None  # unmasked: the teacher runs exactly as in DeiT
+            return
+        source = MASK_MODES[mask_mode][1]
+        if source == "student":
+            if student is None:
+                raise ValueError("mask_mode='attention' reads the student's attention: pass student=model "
+                                 "(the model whose outputs reach the loss; DDP/compiled wrappers are fine)")
+            self.capture = AttentionCapture(student)
+        elif source == "teacher":
+            self.capture = AttentionCapture(teacher_model, always=True)
+        self.prefix = self.family.num_prefix(unwrap_model(teacher_model))
+
+    @property
+    def masking(self) -> bool:
+        return self.family is not None
+
+    def remove_hooks(self) -> None:
+        """Detach the attention hook; the student is left exactly as before."""
+        if self.capture is not None:
+            self.capture.remove()
+            self.capture = None
+
+    def teacher_input(self, samples: torch.Tensor) -> torch.Tensor:
+        x = super().teacher_input(samples)
+        return x.to(self.teacher_dtype) if self.teacher_dtype is not None else x
+
+    def teacher_logits(self, samples: torch.Tensor) -> torch.Tensor:
+        if not self.masking:
+            self.last_keep_idx = None
+            out = super().teacher_logits(samples)
+            return out.float() if self.teacher_dtype is not None else out
+        check_resolution(self.teacher_model, tuple(samples.shape[-2:]))
+        batch = samples.shape[0]
+        with torch.no_grad():
+            x = self.teacher_input(samples)
+            keep_idx = self._keep_indices(x, batch)
+            logits = self._run_pruned(x, keep_idx)
+        self.last_keep_idx = keep_idx
+        self.meter.update(batch=batch, prefix=self.prefix, kept=self.num_keep, patches=self.num_patches)
+        return logits.float() if self.teacher_dtype is not None else logits
+
+    def _keep_indices(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        source = MASK_MODES[self.mask_mode][1]
+        scores = None
+        if source == "teacher":
+            self.teacher_model(x)  # analysis only: one extra full teacher pass to read its attention
+            scores = self.capture.take(batch)
+        elif source == "student":
+            scores = self.capture.take(batch)
+        if scores is not None:
+            src = self.capture.score_grid(scores.shape[1])
+            scores = resample_scores(scores, src_grid=src, dst_grid=teacher_grid(self.teacher_model))
+        return select_patches(self.mask_mode, scores=scores, batch_size=batch, num_patches=self.num_patches,
+                              num_keep=self.num_keep, device=x.device)
+
+    def _run_pruned(self, x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+        if self.capture is not None and self.capture.always:
+            self.capture.enabled = False  # the pruned pass must not overwrite the teacher's full-pass scores
+        try:
+            if not self.compile_teacher:
+                return pruned_forward(self.teacher_model, x, keep_idx, self.family)
+            return self._compiled_forward(x, keep_idx)
+        finally:
+            if self.capture is not None:
+                self.capture.enabled = True
+
+    def _compiled_forward(self, x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        if self._compiled is None or batch > self._compiled_batch:
+            self._compiled = torch.compile(PrunedTeacher(self.teacher_model), dynamic=False)
+            self._compiled_batch = batch
+        pad = self._compiled_batch - batch
+        if pad:  # repeat the last sample so the compiled graph keeps its static batch size
+            x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
+            keep_idx = torch.cat([keep_idx, keep_idx[-1:].expand(pad, -1)])
+        return self._compiled(x, keep_idx)[:batch]
+
+    def supervision_cost(self, *, img_size: Tuple[int, int], student: Optional[nn.Module] = None) -> SupervisionCost:
+        """fvcore GFLOPs/img: teacher full and at this loss's keep count, plus the student's forward."""
+        teacher = unwrap_model(self.teacher_model)
+        full = teacher_gflops(teacher, img_size=img_size, num_keep=None)
+        masked = teacher_gflops(teacher, img_size=img_size, num_keep=self.num_keep) if self.masking else full
+        extra = full if self.masking and MASK_MODES[self.mask_mode][1] == "teacher" else 0.0
+        s = student_gflops(student, img_size=img_size) if student is not None else 0.0
+        patches = self.num_patches or 0
+        return SupervisionCost(teacher_full=full, teacher_masked=masked, student_forward=s,
+                               num_keep=self.num_keep or patches, num_patches=patches, extra_teacher=extra)
+
+    def describe(self) -> str:
+        if self.distillation_type == "none":
+            return "no distillation: the teacher never runs"
+        lines = []
+        if self.masking:
+            lines.append(f"teacher sees {self.num_keep}/{self.num_patches} patches + {self.prefix} prefix tokens, "
+                         f"chosen by mask_mode={self.mask_mode!r} ({self.family.name} teacher)")
+        else:
+            lines.append("teacher sees every patch (unmasked)")
+        if self.renorm is not None:
+            lines.append(self.renorm.describe())
+        return "\n".join(lines)
