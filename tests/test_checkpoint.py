@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import random
 from pathlib import Path
@@ -168,7 +169,8 @@ def test_missing_and_unexpected_keys_are_reported(source_model: nn.Module, tmp_p
     with pytest.raises(CheckpointError, match=r"missing keys: norm\.weight.*unexpected keys: extra\.weight"):
         load_teacher(tiny_vit(), str(tmp_path / "t.pth"))
     # Not strict: key sets may differ, the shared keys still load.
-    load_teacher(model := tiny_vit(seed=3), str(tmp_path / "t.pth"), strict=False)
+    model = tiny_vit(seed=3)
+    load_teacher(model, str(tmp_path / "t.pth"), strict=False)
     assert torch.equal(model.head.weight, source_model.head.weight)
 
 
@@ -327,7 +329,7 @@ def test_unsafe_extra_is_refused_before_writing(tmp_path: Path) -> None:
 
 def test_rng_state_is_weights_only_safe() -> None:
     state = ckpt_mod.capture_rng_state()
-    buffer = __import__("io").BytesIO()
+    buffer = io.BytesIO()
     torch.save(state, buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)
