@@ -236,6 +236,14 @@ class MaskedDistillationLoss(DistillationLoss):
         return x.to(self.teacher_dtype) if self.teacher_dtype is not None else x
 
     def teacher_logits(self, samples: torch.Tensor) -> torch.Tensor:
+        if self.teacher_dtype is None:
+            return self._teacher_logits(samples)
+        # The weights already hold teacher_dtype: the caller's autocast (fp16 in DeiT) would recast them op by op
+        # and, fp16 around a bf16 teacher, fail in torch.cat (class token bf16, patch embedding fp16).
+        with torch.autocast(device_type=samples.device.type, enabled=False):
+            return self._teacher_logits(samples)
+
+    def _teacher_logits(self, samples: torch.Tensor) -> torch.Tensor:
         if not self.masking:
             self.last_keep_idx = None
             out = super().teacher_logits(samples)

@@ -113,10 +113,8 @@ _SHAPE_FNS = list(SHAPES.values())
 MAX_HUE_BANDS = 6
 MAX_PROCEDURAL_CLASSES = len(SHAPES) * MAX_HUE_BANDS
 _SPLIT_IDS = {"train": 0, "val": 1}
-
-
-def _luma(rgb: np.ndarray) -> np.ndarray:
-    return rgb @ np.array([0.299, 0.587, 0.114])
+# Least summed |RGB| difference between the object and the clutter under it before the other polarity is used.
+_MIN_OBJECT_CONTRAST = 0.6
 
 
 class ProceduralObjects(Dataset):
@@ -125,7 +123,8 @@ class ProceduralObjects(Dataset):
     Each image is a pure function of ``(seed, split, index)``: no files, nothing cached. The object covers
     about 10-20% of the image at a random position, scale, rotation jitter and colour; the clutter (smooth
     colour waves, soft blobs, thin lines, pixel noise) is drawn from a separate stream and never depends on
-    the label. Labels are ``index % num_classes``, so every class is equally frequent.
+    the label. The object is bright or dark at random, switching when it would nearly match the clutter under
+    it, so every label is visible. Labels are ``index % num_classes``, so every class is equally frequent.
 
     Returns ``(image, label)``: ``transform(PIL image)`` when a transform is given, else a normalised float
     tensor (3, H, W) that matches ``ToTensor() + Normalize(mean, std)`` on the same image.
@@ -133,7 +132,8 @@ class ProceduralObjects(Dataset):
 
     def __init__(self, num_samples: int, num_classes: int = 10, img_size: int = 32, seed: int = 0,
                  split: str = "train", transform: Optional[Callable] = None,
-                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD):
+                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
+                 object_area: Tuple[float, float] = (0.10, 0.20)):
         if split not in _SPLIT_IDS:
             raise DataError(f"split must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
         if not 2 <= num_classes <= MAX_PROCEDURAL_CLASSES:
@@ -143,6 +143,9 @@ class ProceduralObjects(Dataset):
         if img_size < 16:
             raise DataError(f"img_size {img_size} is too small to draw a recognisable shape; use 16 px or more")
         self.num_samples, self.num_classes, self.img_size = int(num_samples), int(num_classes), int(img_size)
+        if not 0.0 < object_area[0] <= object_area[1] <= 0.5:
+            raise DataError(f"object_area {object_area} must satisfy 0 < low <= high <= 0.5 (fraction of the image)")
+        self.object_area = (float(object_area[0]), float(object_area[1]))
         self.seed, self.split, self.transform = int(seed), split, transform
         self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
@@ -164,13 +167,13 @@ class ProceduralObjects(Dataset):
         return index % self.num_classes
 
     def _object(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
-        """The object's coverage (H, W) in [0, 1] and its RGB colour."""
+        """The object's coverage (H, W) in [0, 1] and two candidate RGB colours, the preferred one first."""
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
         rng = self._rng(index, 0)
         label = self.label(index)
         size = self.img_size
-        half = 0.5 * size * math.sqrt(rng.uniform(0.10, 0.20))  # half-side of the bounding square
+        half = 0.5 * size * math.sqrt(rng.uniform(*self.object_area))  # half-side of the bounding square
         margin = half * 1.15 + 1.0  # rotation jitter can push corners slightly past the half-side
         cy, cx = rng.uniform(margin, size - margin, size=2)
         angle = rng.uniform(-0.25, 0.25)  # about +-15 degrees: enough variety, bars stay horizontal/vertical
@@ -184,10 +187,19 @@ class ProceduralObjects(Dataset):
             hue = rng.uniform()  # colour carries no class information
         else:  # stay off band edges so neighbouring bands stay distinguishable
             hue = (label // len(SHAPES) + rng.uniform(0.1, 0.9)) / self.hue_bands
-        color = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.45, 1.0), rng.uniform(0.55, 1.0)))
-        if rng.random() < 0.5:
-            color *= 0.45  # dark objects too, so "brightest thing in the image" is not a shortcut to the box
-        return alpha, color
+        bright = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.45, 1.0), rng.uniform(0.7, 1.0)))
+        # Dark objects too, so "brightest thing in the image" is no shortcut; the first colour is preferred.
+        colors = np.stack([bright, bright * 0.35])
+        return alpha, colors[::-1] if rng.random() < 0.5 else colors
+
+    @staticmethod
+    def _pick_color(colors: np.ndarray, background: np.ndarray) -> np.ndarray:
+        """The preferred colour unless it nearly matches the background under the object, then the other one.
+
+        Without this, a dark object on a dark patch is invisible and its label is noise.
+        """
+        distance = np.abs(colors - background).sum(axis=1)
+        return colors[0] if distance[0] >= _MIN_OBJECT_CONTRAST or distance[0] >= distance[1] else colors[1]
 
     def _clutter(self, index: int) -> np.ndarray:
         """Label-independent background (3, H, W) in roughly [0, 1]; each layer is one vectorised draw."""
@@ -233,10 +245,12 @@ class ProceduralObjects(Dataset):
         return np.clip(np.float32(0.5 * (width + 1.0)) - dist_px, 0.0, 1.0)
 
     def _render_chw(self, index: int) -> np.ndarray:
-        alpha, color = self._object(index)
+        alpha, colors = self._object(index)
         image = self._clutter(index)
         alpha = alpha.astype(np.float32)
-        image += alpha * (color.astype(np.float32)[:, None, None] - image)
+        background = (image * alpha).sum(axis=(1, 2)) / alpha.sum()
+        color = self._pick_color(colors, background).astype(np.float32)
+        image += alpha * (color[:, None, None] - image)
         return np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
     def render(self, index: int) -> np.ndarray:

@@ -102,8 +102,7 @@ def training_gflops(stats: Dict, *, images_per_epoch: int, epochs: int) -> float
     return (student + teacher) * images_per_epoch * epochs
 
 
-def run(preset: str, *, seeds: List[int], arms: List[str], device: str, root: Path, mask_vis: bool) -> Dict:
-    p = PRESETS[preset]
+def run(preset: str, p: Dict, *, seeds: List[int], arms: List[str], device: str, root: Path, mask_vis: bool) -> Dict:
     root.mkdir(parents=True, exist_ok=True)
     teacher = train_teacher(p, device=device, root=root)
     results: Dict[str, List[Dict]] = {}
@@ -190,9 +189,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for item in args.override:
         key, value = item.split("=", 1)
         preset[key] = type(preset[key])(value)
-    PRESETS[args.preset] = preset
     start = time.time()
-    summary = run(args.preset, seeds=args.seeds, arms=args.arms, device=args.device, root=Path(args.output_dir),
+    summary = run(args.preset, preset, seeds=args.seeds, arms=args.arms, device=args.device, root=Path(args.output_dir),
                   mask_vis=not args.no_mask_vis)
     summary["total_seconds"] = time.time() - start
     Path(args.output_dir, "summary.json").write_text(json.dumps(summary, indent=1))

@@ -1,0 +1,62 @@
+"""The reproduction script and --mask-vis at toy size: files, PNG sizes, counts that add up."""
+import json
+import struct
+
+import pytest
+
+import main_maskedkd
+from deit_patch import reproduce
+from deit_patch.maskvis import mask_grid_size
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_mask_vis_from_training_run(tmp_path):
+    vis = tmp_path / "vis"
+    argv = ["--data-set", "PROCEDURAL", "--procedural-train-size", "96", "--procedural-val-size", "32",
+            "--input-size", "32", "--batch-size", "16", "--epochs", "2", "--num_workers", "0", "--device", "cpu",
+            "--mixup", "0", "--cutmix", "0", "--no-model-ema", "--no-flops", "--warmup-epochs", "0",
+            "--model", "deit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "depth=2", "embed_dim=64",
+            "num_heads=2", "--teacher-model", "deit_tiny_patch16_224", "--teacher-kwargs", "patch_size=4", "depth=2",
+            "embed_dim=64", "num_heads=2", "--distillation-type", "soft", "--keep-ratio", "0.25",
+            "--mask-vis", str(vis), "--output_dir", str(tmp_path / "out")]
+    import timm
+    import torch
+    teacher = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, embed_dim=64,
+                                num_heads=2, num_classes=10)
+    torch.save({"model": teacher.state_dict()}, tmp_path / "t.pth")
+    parser = main_maskedkd.argparse.ArgumentParser(parents=[main_maskedkd.get_args_parser()])
+    main_maskedkd.main(parser.parse_args(argv + ["--teacher-path", str(tmp_path / "t.pth")]))
+    for epoch in (0, 1):
+        counts = json.loads((vis / f"keepfreq_epoch{epoch:03d}.json").read_text())
+        images = 96 // 16 * 16
+        assert counts["grid"] == [8, 8] and counts["images"] == images
+        assert sum(counts["counts"]) == counts["total_kept"] == images * 16  # 16 of 64 teacher patches each
+        assert png_size(vis / f"keepfreq_epoch{epoch:03d}.png") == (400, 400)
+        assert png_size(vis / f"masks_epoch{epoch:03d}.png") == mask_grid_size(8)
+
+
+def test_reproduce_writes_report(tmp_path):
+    report = tmp_path / "R.md"
+    arms = ["no KD", "MaskedKD attention, keep 0.5", "random mask, keep 0.25"]
+    code = reproduce.main(["--seeds", "0", "--arms", *arms, "--output-dir", str(tmp_path / "run"),
+                           "--report", str(report), "--override", "train=64", "val=32", "teacher_epochs=1",
+                           "student_epochs=1", "batch=32", "workers=0"])
+    assert code == 0
+    text = report.read_text()
+    for arm in arms:
+        assert f"| {arm} |" in text
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    masked = summary["results"]["MaskedKD attention, keep 0.5"][0]
+    assert 0 < masked["teacher_gflops"] and summary["results"]["no KD"][0]["teacher_gflops"] == 0
+    assert (tmp_path / "run" / "masks" / "MaskedKD_attention_keep_05" / "keepfreq_epoch000.png").exists()
+    # A second call reuses the finished runs instead of training again.
+    before = (tmp_path / "run" / "runs.json").stat().st_mtime_ns
+    reproduce.main(["--seeds", "0", "--arms", *arms, "--output-dir", str(tmp_path / "run"), "--report", str(report),
+                    "--override", "train=64", "val=32", "teacher_epochs=1", "student_epochs=1", "batch=32",
+                    "workers=0"])
+    assert (tmp_path / "run" / "runs.json").stat().st_mtime_ns == before
