@@ -17,17 +17,16 @@ from .checkpoint import extract_state_dict, read_checkpoint, save_atomic
 
 # Shared by both runs: 32 px images of 10 object classes, no mixup/erasing (the objects are small, and the point
 # is a fast, readable run), a short cosine schedule.
-COMMON = ["--data-set", "PROCEDURAL", "--input-size", "32", "--batch-size", "64", "--num_workers", "2",
+COMMON = ["--data-set", "PROCEDURAL", "--input-size", "32", "--batch-size", "64", "--num_workers", "0",
           "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--smoothing", "0", "--drop-path", "0",
           "--no-model-ema", "--no-repeated-aug", "--unscale-lr", "--warmup-epochs", "1", "--cooldown-epochs", "0",
           "--min-lr", "1e-5", "--weight-decay", "0.05", "--print-freq", "25"]
-TEACHER = ["--model", "vit_small_patch16_224", "--model-kwargs", "patch_size=4", "embed_dim=128", "depth=4",
-           "num_heads=4", "--lr", "1e-3"]
-STUDENT = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "patch_size=4", "embed_dim=64", "depth=3",
-           "num_heads=2", "--lr", "1e-3"]
-TEACHER_KWARGS = ["--teacher-model", "vit_small_patch16_224", "--teacher-kwargs", "patch_size=4", "embed_dim=128",
-                  "depth=4", "num_heads=4"]
-DEFAULTS = {"train_size": 6000, "val_size": 1000, "teacher_epochs": 8, "student_epochs": 6, "keep_ratio": 0.5}
+TEACHER_SHAPE = ["patch_size=4", "embed_dim=64", "depth=4", "num_heads=2"]  # 8x8 patch grid at 32 px
+TEACHER = ["--model", "vit_small_patch16_224", "--model-kwargs", *TEACHER_SHAPE, "--lr", "2e-3"]
+STUDENT = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "patch_size=4", "embed_dim=48", "depth=2",
+           "num_heads=2", "--lr", "2e-3"]
+TEACHER_KWARGS = ["--teacher-model", "vit_small_patch16_224", "--teacher-kwargs", *TEACHER_SHAPE]
+DEFAULTS = {"train_size": 3000, "val_size": 500, "teacher_epochs": 12, "student_epochs": 6, "keep_ratio": 0.5}
 
 
 def demo_argv(kind: str, *, out: Path, device: str, seed: int, cfg: Dict) -> List[str]:
