@@ -374,9 +374,16 @@ def main(args) -> dict:
             with (output_dir / "log.txt").open("a") as f:
                 f.write(json.dumps(log_stats) + "\n")
         dist_utils.barrier()
+    if args.start_epoch >= args.epochs:  # a finished run found in output_dir: report it instead of retraining
+        print(f"Nothing to train: the checkpoint already covers {args.epochs} epochs")
+        log_stats = {f"test_{k}": v for k, v in
+                     evaluate(loader_val, model, device, amp_dtype=args.amp_dtype, reduce=args.dist_eval).items()}
     total = str(datetime.timedelta(seconds=int(time.time() - start_time)))
     print(f"Training time {total}")
-    log_stats["max_accuracy"] = max_accuracy
+    log_stats["max_accuracy"] = max(max_accuracy, log_stats.get("test_acc1", 0.0))
+    if cost is not None:
+        log_stats.update(teacher_gflops_per_img=cost.teacher_per_step, teacher_gflops_full=cost.teacher_full,
+                         student_gflops_train=cost.student_train)
     return log_stats
 
 
