@@ -26,7 +26,7 @@ TEACHER = ["--model", "vit_small_patch16_224", "--model-kwargs", *TEACHER_SHAPE,
 STUDENT = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "patch_size=4", "embed_dim=48", "depth=2",
            "num_heads=2", "--lr", "2e-3"]
 TEACHER_KWARGS = ["--teacher-model", "vit_small_patch16_224", "--teacher-kwargs", *TEACHER_SHAPE]
-DEFAULTS = {"train_size": 3000, "val_size": 500, "teacher_epochs": 12, "student_epochs": 6, "keep_ratio": 0.5}
+DEFAULTS = {"train_size": 3000, "val_size": 500, "teacher_epochs": 24, "student_epochs": 10, "keep_ratio": 0.5}
 
 
 def demo_argv(kind: str, *, out: Path, device: str, seed: int, cfg: Dict) -> List[str]:
