@@ -170,6 +170,7 @@ class MaskedDistillationLoss(DistillationLoss):
     Fast teacher path (opt-in): ``teacher_dtype=torch.bfloat16`` keeps the teacher's weights in bf16 (no casts per
     step) and ``compile_teacher=True`` compiles the pruned forward. The keep count is fixed, so shapes are static;
     a smaller last batch is padded to the compiled batch size instead of triggering a recompile.
+    ``teacher_dtype`` converts the teacher module you pass in place: pass a copy if you also use it in fp32.
     """
 
     def __init__(self, base_criterion: nn.Module, teacher_model: Optional[nn.Module], distillation_type: str,
