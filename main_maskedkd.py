@@ -29,8 +29,8 @@ from timm.utils import ModelEmaV3, NativeScaler, ParseKwargs
 
 from deit_patch import distributed as dist_utils
 from deit_patch.capture import CaptureError
-from deit_patch.checkpoint import (CheckpointError, extract_state_dict, find_resume, load_training_state,
-                                   read_checkpoint, save_atomic, save_training_state)
+from deit_patch.checkpoint import (CheckpointError, extract_state_dict, find_resume, load_state_checked,
+                                   load_training_state, read_checkpoint, save_atomic, save_training_state)
 from deit_patch.data import DataError, build_dataset, build_loaders, data_stats
 from deit_patch.engine import NonFiniteLossError, evaluate, train_one_epoch
 from deit_patch.masking import MASK_MODES
@@ -168,7 +168,6 @@ def _family_filter(model: torch.nn.Module):
 
 def load_weights(model: torch.nn.Module, path: str, *, strict: bool, what: str, drop_mismatched_head: bool = False):
     """Load a checkpoint into ``model`` the way timm adapts pretrained weights, with CheckpointError on misfit."""
-    from deit_patch.checkpoint import _load_into
     state = extract_state_dict(read_checkpoint(path))
     adapt = _family_filter(model)
     if adapt is not None:
@@ -182,7 +181,7 @@ def load_weights(model: torch.nn.Module, path: str, *, strict: bool, what: str, 
                     and state[k].shape != own[k].shape]:
             print(f"Removing key {key} from pretrained checkpoint")
             del state[key]
-    _load_into(model, state, strict=strict, source=path, what=what,
+    load_state_checked(model, state, strict=strict, source=path, what=what,
                fix="Does the model name match the checkpoint's architecture, and the class count the dataset's?")
 
 

@@ -207,7 +207,7 @@ def _shape_mismatches(module: nn.Module, state: Mapping[str, torch.Tensor]) -> L
             for key, value in state.items() if key in expected and value.shape != expected[key].shape]
 
 
-def _load_into(module: nn.Module, state: Mapping[str, torch.Tensor], *, strict: bool, source: str,
+def load_state_checked(module: nn.Module, state: Mapping[str, torch.Tensor], *, strict: bool, source: str,
                what: str, fix: str) -> None:
     """``load_state_dict`` with every key/shape problem collected into one readable CheckpointError."""
     expected = module.state_dict().keys()
@@ -228,7 +228,7 @@ def load_teacher(model: nn.Module, path_or_url: PathLike, *, strict: bool = True
     """Load teacher weights (DeiT/timm format, plain, prefixed, or safetensors) into ``model``."""
     source = os.fspath(path_or_url)
     state = extract_state_dict(read_checkpoint(source))
-    _load_into(unwrap_model(model), state, strict=strict, source=source, what="teacher checkpoint",
+    load_state_checked(unwrap_model(model), state, strict=strict, source=source, what="teacher checkpoint",
                fix="Does --teacher-model match the checkpoint's architecture? Does --nb-classes / the dataset's "
                    "class count match the classes the teacher was trained on?")
 
@@ -272,7 +272,7 @@ def load_training_state(path: PathLike, *, model: nn.Module, optimizer: Optional
     state = read_checkpoint(source)
     _require_training_state(state, source=source)
     fix = "Resume with the same --model / --nb-classes the checkpoint was trained with."
-    _load_into(unwrap_model(model), extract_state_dict(state), strict=True, source=source, what="model state",
+    load_state_checked(unwrap_model(model), extract_state_dict(state), strict=True, source=source, what="model state",
                fix=fix)
     for name, target in (("optimizer", optimizer), ("lr_scheduler", lr_scheduler)):
         if target is not None:
@@ -284,7 +284,7 @@ def load_training_state(path: PathLike, *, model: nn.Module, optimizer: Optional
     if model_ema is not None:
         # A fresh EMA would hold the pre-resume random init, silently ruining EMA evaluation, so insist on it.
         _require_key(state, "model_ema", source=source)
-        _load_into(_ema_module(model_ema), state["model_ema"], strict=True, source=source, what="EMA state",
+        load_state_checked(_ema_module(model_ema), state["model_ema"], strict=True, source=source, what="EMA state",
                    fix=fix)
     if restore_rng and "rng" in state:
         restore_rng_state(state["rng"])
