@@ -27,12 +27,12 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, NativeScaler, ParseKwargs
 
-from deit_patch import distributed as dist_utils
+from maskedkd_app import distributed as dist_utils
 from deit_patch.capture import CaptureError
-from deit_patch.checkpoint import (CheckpointError, extract_state_dict, find_resume, load_state_checked,
+from maskedkd_app.checkpoint import (CheckpointError, extract_state_dict, find_resume, load_state_checked,
                                    load_training_state, read_checkpoint, save_atomic, save_training_state)
-from deit_patch.data import DataError, build_dataset, build_loaders, data_stats
-from deit_patch.engine import NonFiniteLossError, evaluate, train_one_epoch
+from maskedkd_app.data import DataError, build_dataset, build_loaders, data_stats
+from maskedkd_app.engine import NonFiniteLossError, evaluate, train_one_epoch
 from deit_patch.masking import MASK_MODES
 from deit_patch.teacher_input import TeacherInputError
 from deit_patch.teachers import UnsupportedTeacherError, find_family, teacher_grid
@@ -389,14 +389,14 @@ def main(args) -> dict:
 def _mask_recorder(args, criterion, teacher):
     if not args.mask_vis or not getattr(criterion, "masking", False):
         return None
-    from deit_patch.maskvis import MaskRecorder
+    from maskedkd_app.maskvis import MaskRecorder
     mean, std = data_stats(args)
     return MaskRecorder(args.mask_vis, teacher_grid(teacher), mean=mean, std=std)
 
 
 # ------------------------------------------------------------------------------------------------------- demo
 def run_demo(args, cfg=None) -> dict:
-    from deit_patch.demo import run_demo as demo
+    from maskedkd_app.demo import run_demo as demo
     parser = argparse.ArgumentParser("demo phase", parents=[get_args_parser()])
     return demo(args, main, parser.parse_args, cfg=cfg)
 

@@ -1,1 +1,5 @@
-"""maskedkd: the DeiT overlay package (hooks, mask selection, teacher pruning, cost accounting, training glue)."""
+"""maskedkd plugin: the parts ``losses.py`` composes (capture, masking, teachers, teacher input, cost).
+
+This package is what a DeiT or timm user copies beside ``losses.py``. It never imports ``maskedkd_app`` (our
+training application) and runs on the timm their script already has (0.4.12 to 1.0.x).
+"""

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from conftest import tiny
-from deit_patch.engine import NonFiniteLossError, evaluate, train_one_epoch
+from maskedkd_app.engine import NonFiniteLossError, evaluate, train_one_epoch
 
 
 class NaNAfter(nn.Module):

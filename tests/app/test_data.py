@@ -13,10 +13,10 @@ from PIL import Image
 from torch.utils.data import SequentialSampler
 from torchvision import transforms
 
-from deit_patch import distributed
-from deit_patch.data import (DATASETS, DataError, ProceduralObjects, RASampler, build_dataset, build_loaders,
+from maskedkd_app import distributed
+from maskedkd_app.data import (DATASETS, DataError, ProceduralObjects, RASampler, build_dataset, build_loaders,
                              build_transform, data_stats)
-from deit_patch.distributed import MetricLogger, SmoothedValue, all_reduce_mean
+from maskedkd_app.distributed import MetricLogger, SmoothedValue, all_reduce_mean
 
 
 def make_args(**overrides) -> SimpleNamespace:

@@ -20,7 +20,7 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 from torchvision import datasets, transforms
 
-from deit_patch.distributed import get_rank, get_world_size
+from maskedkd_app.distributed import get_rank, get_world_size
 
 Stats = Tuple[Tuple[float, ...], Tuple[float, ...]]
 Box = Tuple[int, int, int, int]

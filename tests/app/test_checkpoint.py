@@ -18,8 +18,8 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
-from deit_patch import checkpoint as ckpt_mod
-from deit_patch.checkpoint import (CheckpointError, extract_state_dict, find_resume, load_teacher,
+from maskedkd_app import checkpoint as ckpt_mod
+from maskedkd_app.checkpoint import (CheckpointError, extract_state_dict, find_resume, load_teacher,
                                    load_training_state, read_checkpoint, save_atomic, save_training_state)
 
 

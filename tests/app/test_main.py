@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import ROOT, tiny
 
 import main_maskedkd
-from deit_patch.checkpoint import read_checkpoint
+from maskedkd_app.checkpoint import read_checkpoint
 
 STUDENT = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "depth=2", "embed_dim=64",
            "num_heads=2"]

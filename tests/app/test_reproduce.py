@@ -5,8 +5,8 @@ import struct
 import pytest
 
 import main_maskedkd
-from deit_patch import reproduce
-from deit_patch.maskvis import mask_grid_size
+from maskedkd_app import reproduce
+from maskedkd_app.maskvis import mask_grid_size
 
 
 def png_size(path):

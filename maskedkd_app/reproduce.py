@@ -1,4 +1,4 @@
-"""Reproduce the MaskedKD claim at small scale: ``python -m deit_patch.reproduce``.
+"""Reproduce the MaskedKD claim at small scale: ``python -m maskedkd_app.reproduce``.
 
 One teacher is trained with the project's own training code, then a smaller student is distilled under every arm
 (no KD, full-teacher KD, student-attention masks, random masks, teacher-attention masks) with the same schedule
@@ -132,7 +132,7 @@ def run(preset: str, p: Dict, *, seeds: List[int], arms: List[str], device: str,
 
 def _student_only_cost(p: Dict) -> Dict:
     import timm
-    from .cost import student_gflops
+    from deit_patch.cost import student_gflops
     kwargs = dict(x.split("=") for x in p["student"][1:])
     model = timm.create_model(p["student"][0], num_classes=10, img_size=p["img"], patch_size=p["patch"],
                               **{k: int(v) for k, v in kwargs.items()})
@@ -193,7 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   mask_vis=not args.no_mask_vis)
     summary["total_seconds"] = time.time() - start
     Path(args.output_dir, "summary.json").write_text(json.dumps(summary, indent=1))
-    command = "python -m deit_patch.reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m maskedkd_app.reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
     print(write_report(summary, Path(args.report), command.strip()))
     return 0
 

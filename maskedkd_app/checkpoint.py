@@ -24,7 +24,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
-from .capture import unwrap_model
+from deit_patch.capture import unwrap_model
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -1,4 +1,4 @@
-"""Tests for deit_patch.maskvis: keep-frequency counting, PNG sizes, grey-out blending, recorder output files."""
+"""Tests for maskedkd_app.maskvis: keep-frequency counting, PNG sizes, grey-out blending, recorder output files."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ from typing import Tuple
 import pytest
 import torch
 
-from deit_patch import maskvis
-from deit_patch.maskvis import (KeepFrequency, MaskRecorder, grey_out_dropped, mask_grid_size, save_frequency_heatmap,
+from maskedkd_app import maskvis
+from maskedkd_app.maskvis import (KeepFrequency, MaskRecorder, grey_out_dropped, mask_grid_size, save_frequency_heatmap,
                                 save_mask_grid)
 
 MEAN = (0.485, 0.456, 0.406)
