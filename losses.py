@@ -6,6 +6,7 @@ teacher only the patches the student attended to in the forward pass that produc
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -14,13 +15,15 @@ import torch.nn.functional as F
 
 from deit_patch.capture import AttentionCapture, unwrap_model
 from deit_patch.cost import SupervisionCost, TokenMeter, student_gflops, teacher_gflops
+from deit_patch.features import build_feature_kd, heads_gflops
 from deit_patch.masking import MASK_MODES, resample_scores, resolve_num_keep, select_patches
 from deit_patch.teacher_input import InputRenorm, build_renorm, check_resolution
-from deit_patch.teachers import PrunedTeacher, pruned_forward, require_family, teacher_grid
+from deit_patch.teachers import PrunedTeacher, find_family, pruned_forward, require_family, teacher_grid
 
 Outputs = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 DISTILLATION_TYPES = ("none", "soft", "hard")
 KD_REDUCTIONS = ("numel", "batchmean")
+DEFAULT_KEEP_RATIO = 0.5  # the paper's 98 of 196 patches
 
 
 def soft_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tau: float, reduction: str) -> torch.Tensor:
@@ -167,6 +170,12 @@ class MaskedDistillationLoss(DistillationLoss):
     (analysis only: the teacher's own attention from an extra full pass, saves nothing) or 'none'.
     With keep_ratio=1.0 or mask_mode='none' the teacher runs unmodified, so the value equals DistillationLoss.
 
+    Keep count: ``keep_ratio`` (a fraction of the teacher's patches) or ``num_keep`` (an absolute count), not both
+    unless they agree; with neither, 0.5 on a teacher with patch tokens and unmasked on a CNN teacher (as DeiT).
+    The count follows each batch's real resolution: a ``dynamic_img_size`` teacher fed 48 px instead of 32 px
+    keeps ``keep_ratio`` of its real patch count, and an absolute ``num_keep`` is checked against it.
+    ``set_keep`` changes the count between steps (keep-ratio schedules).
+
     Fast teacher path (opt-in): ``teacher_dtype=torch.bfloat16`` keeps the teacher's weights in bf16 (no casts per
     step) and ``compile_teacher=True`` compiles the pruned forward. The keep count is fixed, so shapes are static;
     a smaller last batch is padded to the compiled batch size instead of triggering a recompile.
@@ -174,14 +183,26 @@ class MaskedDistillationLoss(DistillationLoss):
     """
 
     def __init__(self, base_criterion: nn.Module, teacher_model: Optional[nn.Module], distillation_type: str,
-                 alpha: float, tau: float, *, student: Optional[nn.Module] = None, keep_ratio: Optional[float] = 0.5,
+                 alpha: float, tau: float, *, student: Optional[nn.Module] = None, keep_ratio: Optional[float] = None,
                  num_keep: Optional[int] = None, mask_mode: str = "attention", kd_reduction: str = "numel",
                  teacher_mean: Optional[Sequence[float]] = None, teacher_std: Optional[Sequence[float]] = None,
                  student_mean: Optional[Sequence[float]] = None, student_std: Optional[Sequence[float]] = None,
-                 teacher_dtype: Optional[torch.dtype] = None, compile_teacher: bool = False):
+                 teacher_dtype: Optional[torch.dtype] = None, compile_teacher: bool = False,
+                 feature_kd: Optional[str] = None, vitkd_alpha: float = 3e-5, vitkd_beta: float = 3e-6,
+                 vitkd_mask_ratio: float = 0.5, vitkd_layers: Sequence[int] = (0, 1),
+                 vitkd_generator: Optional[torch.Generator] = None):
         super().__init__(base_criterion, teacher_model, distillation_type, alpha, tau, kd_reduction=kd_reduction,
                          student=student, teacher_mean=teacher_mean, teacher_std=teacher_std,
                          student_mean=student_mean, student_std=student_std, renormalize=True)
+        # ViTKD feature distillation (deit_patch/features.py): its trainable heads are children of this loss.
+        family = find_family(teacher_model) if teacher_model is not None else None
+        self.feature_kd = build_feature_kd(
+            feature_kd, student=student, teacher=teacher_model, distillation_type=distillation_type,
+            compile_teacher=compile_teacher, alpha=vitkd_alpha, beta=vitkd_beta, mask_ratio=vitkd_mask_ratio,
+            layers=tuple(vitkd_layers), generator=vitkd_generator,
+            teacher_prefix=family.num_prefix(unwrap_model(teacher_model)) if family is not None else None)
+        self._term_sums: Optional[torch.Tensor] = None  # (logit part, mimic, generation), detached, on device
+        self._term_steps = 0
         if mask_mode != "none" and mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode={mask_mode!r} is not one of {['none'] + sorted(MASK_MODES)}")
         self.mask_mode = mask_mode
@@ -197,16 +218,32 @@ class MaskedDistillationLoss(DistillationLoss):
             return  # the teacher never runs and nothing is hooked
         if teacher_dtype is not None:
             teacher_model.to(dtype=teacher_dtype)
-        masking_asked = mask_mode != "none" and not (keep_ratio in (None, 1.0) and num_keep is None)
+        maskable = find_family(teacher_model) is not None
+        if keep_ratio is None and num_keep is None:
+            keep_ratio = DEFAULT_KEEP_RATIO if maskable else 1.0  # a CNN teacher: DeiT's unmasked loss
+        if isinstance(num_keep, bool) or (num_keep is not None and not isinstance(num_keep, numbers.Integral)):
+            raise TypeError(f"num_keep={num_keep!r} must be an int count of teacher patches (e.g. num_keep=98), "
+                            f"not {type(num_keep).__name__}")
+        masking_asked = mask_mode != "none" and not (keep_ratio == 1.0 and num_keep is None)
         if masking_asked:
             self.family = require_family(teacher_model)
-            self.num_patches = teacher_grid(teacher_model)[0] * teacher_grid(teacher_model)[1]
-        elif hasattr(unwrap_model(teacher_model), "patch_embed") and num_keep is not None:
-            self.num_patches = teacher_grid(teacher_model)[0] * teacher_grid(teacher_model)[1]
-        if self.num_patches is not None:
-            self.num_keep = resolve_num_keep(num_patches=self.num_patches, keep_ratio=keep_ratio, num_keep=num_keep)
-        elif num_keep is not None:
+        elif num_keep is not None and not hasattr(unwrap_model(teacher_model), "patch_embed"):
             raise ValueError("num_keep needs a teacher with patch tokens")
+        self.keep_ratio, self.keep_count = keep_ratio, num_keep  # as asked; resolved per batch resolution
+        self._keep_cache: Dict[Tuple[int, int], Tuple[Tuple[int, int], int]] = {}
+        if hasattr(unwrap_model(teacher_model), "patch_embed"):
+            # Resolved at the resolution the teacher was built for: validates the request now, and is what the
+            # cost table and describe() report.
+            grid = teacher_grid(teacher_model)
+            self.num_patches = grid[0] * grid[1]
+            if num_keep is not None and getattr(unwrap_model(teacher_model), "dynamic_img_size", False):
+                # A dynamic-size teacher may meet larger batches than it was built for: an absolute count is
+                # checked against each batch's real patch count (keep_for), here only for being a count at all.
+                self.num_keep = resolve_num_keep(num_patches=max(self.num_patches, int(num_keep)), keep_ratio=None,
+                                                 num_keep=num_keep)
+            else:
+                self.num_keep = resolve_num_keep(num_patches=self.num_patches, keep_ratio=keep_ratio,
+                                                 num_keep=num_keep)
         else:
             resolve_num_keep(num_patches=1, keep_ratio=keep_ratio, num_keep=None)  # range check only
         if mask_mode == "none" or self.num_keep is None or self.num_keep == self.num_patches:
@@ -222,15 +259,86 @@ class MaskedDistillationLoss(DistillationLoss):
             self.capture = AttentionCapture(teacher_model, always=True)
         self.prefix = self.family.num_prefix(unwrap_model(teacher_model))
 
+    def set_keep(self, *, keep_ratio: Optional[float] = None, num_keep: Optional[int] = None) -> None:
+        """Change how many teacher patches the following steps keep (one of the two; for keep-ratio schedules).
+
+        Only on a loss built with masking (the hook and pruning are set up at construction): build it with the
+        schedule's target and raise the count from there; ``keep_ratio=1.0`` then runs the full teacher.
+        """
+        if not self.masking:
+            raise ValueError("set_keep() needs a loss built with masking (keep_ratio < 1 or num_keep < all patches "
+                             "and a mask_mode other than 'none'): build it with the schedule's target keep ratio")
+        if (keep_ratio is None) == (num_keep is None):
+            raise ValueError("set_keep() takes exactly one of keep_ratio= or num_keep=")
+        self.num_keep = resolve_num_keep(num_patches=self.num_patches, keep_ratio=keep_ratio, num_keep=num_keep)
+        self.keep_ratio, self.keep_count = keep_ratio, num_keep
+        self._keep_cache.clear()
+        self._compiled = None  # a new keep count is a new static shape
+
+    def keep_for(self, image_hw: Tuple[int, int]) -> Tuple[Tuple[int, int], int]:
+        """(teacher patch grid, patches kept) for a batch of ``image_hw`` images, at the requested keep."""
+        image_hw = (int(image_hw[0]), int(image_hw[1]))
+        cached = self._keep_cache.get(image_hw)
+        if cached is None:
+            grid = teacher_grid(self.teacher_model, image_hw)
+            patches = grid[0] * grid[1]
+            try:
+                kept = resolve_num_keep(num_patches=patches, keep_ratio=self.keep_ratio, num_keep=self.keep_count)
+            except ValueError as err:
+                raise ValueError(f"at {image_hw[0]}x{image_hw[1]} px the teacher has {patches} patches "
+                                 f"({grid[0]}x{grid[1]}): {err}") from None
+            cached = self._keep_cache[image_hw] = (grid, kept)
+        return cached
+
     @property
     def masking(self) -> bool:
         return self.family is not None
 
+    # --- feature distillation (feature_kd='vitkd') -----------------------------------------------------------
+    def forward(self, inputs: torch.Tensor, outputs: Outputs, labels: torch.Tensor) -> torch.Tensor:
+        if self.feature_kd is None:
+            return super().forward(inputs, outputs, labels)
+        with self.feature_kd.tap():  # the teacher's features come from the call that gives its logits
+            logit_loss = super().forward(inputs, outputs, labels)
+        mimic, generation = self.feature_kd(inputs.shape[0], keep_idx=self.last_keep_idx)
+        terms = torch.stack([logit_loss.detach().float(), mimic.detach().float(), generation.detach().float()])
+        self._term_sums = terms if self._term_sums is None else self._term_sums + terms
+        self._term_steps += 1
+        return logit_loss + mimic + generation
+
+    @property
+    def feature_heads(self) -> Optional[nn.Module]:
+        """The trainable feature-distillation heads (None without feature_kd): optimise, checkpoint, not EMA."""
+        return self.feature_kd.heads if self.feature_kd is not None else None
+
+    def feature_param_groups(self, weight_decay: float) -> list:
+        """Optimizer param groups for the heads (decay on weights; none on biases and the mask token)."""
+        return self.feature_heads.param_groups(weight_decay) if self.feature_kd is not None else []
+
+    def pop_loss_terms(self, *, all_reduce: bool = False) -> Dict[str, float]:
+        """Mean per step of each loss term since the last call, then reset (one host sync; {} without features).
+
+        ``all_reduce``: average over torch.distributed ranks (every rank must call it).
+        """
+        if self.feature_kd is None:
+            return {}
+        device = next(self.feature_kd.heads.parameters()).device
+        sums = self._term_sums if self._term_sums is not None else torch.zeros(3, device=device)
+        packed = torch.cat([sums.double(), sums.new_tensor([self._term_steps], dtype=torch.float64)])
+        if all_reduce:
+            torch.distributed.all_reduce(packed)
+        self._term_sums, self._term_steps = None, 0
+        logit, mimic, generation, steps = packed.tolist()
+        steps = max(steps, 1.0)
+        return {"loss_logit": logit / steps, "loss_vitkd_mimic": mimic / steps, "loss_vitkd_gen": generation / steps}
+
     def remove_hooks(self) -> None:
-        """Detach the attention hook; the student is left exactly as before."""
+        """Detach the attention hook (and the feature hooks); the student is left exactly as before."""
         if self.capture is not None:
             self.capture.remove()
             self.capture = None
+        if self.feature_kd is not None:
+            self.feature_kd.remove()
 
     def teacher_input(self, samples: torch.Tensor) -> torch.Tensor:
         x = super().teacher_input(samples)
@@ -249,29 +357,38 @@ class MaskedDistillationLoss(DistillationLoss):
             self.last_keep_idx = None
             out = super().teacher_logits(samples)
             return out.float() if self.teacher_dtype is not None else out
-        check_resolution(self.teacher_model, tuple(samples.shape[-2:]))
-        batch = samples.shape[0]
+        image_hw = (int(samples.shape[-2]), int(samples.shape[-1]))
+        check_resolution(self.teacher_model, image_hw)
+        grid, kept = self.keep_for(image_hw)
+        batch, patches = samples.shape[0], grid[0] * grid[1]
+        if kept == patches:  # a schedule at keep 1.0: the unmodified teacher, exactly as DeiT runs it
+            if self.capture is not None and not self.capture.always:
+                self.capture.take(batch, image_hw=image_hw)  # consumed, so it can never be reused for another batch
+            self.last_keep_idx = None
+            out = DistillationLoss.teacher_logits(self, samples)
+            return out.float() if self.teacher_dtype is not None else out
         with torch.no_grad():
             x = self.teacher_input(samples)
-            keep_idx = self._keep_indices(x, batch)
+            keep_idx = self._keep_indices(x, batch, image_hw=image_hw, grid=grid, kept=kept)
             logits = self._run_pruned(x, keep_idx)
         self.last_keep_idx = keep_idx
-        self.meter.update(batch=batch, prefix=self.prefix, kept=self.num_keep, patches=self.num_patches)
+        self.meter.update(batch=batch, prefix=self.prefix, kept=kept, patches=patches)
         return logits.float() if self.teacher_dtype is not None else logits
 
-    def _keep_indices(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+    def _keep_indices(self, x: torch.Tensor, batch: int, *, image_hw: Tuple[int, int], grid: Tuple[int, int],
+                      kept: int) -> torch.Tensor:
         source = MASK_MODES[self.mask_mode][1]
         scores = None
         if source == "teacher":
             self.teacher_model(x)  # analysis only: one extra full teacher pass to read its attention
-            scores = self.capture.take(batch)
+            scores = self.capture.take(batch, image_hw=image_hw)
         elif source == "student":
-            scores = self.capture.take(batch)
+            scores = self.capture.take(batch, image_hw=image_hw)
         if scores is not None:
-            src = self.capture.score_grid(scores.shape[1])
-            scores = resample_scores(scores, src_grid=src, dst_grid=teacher_grid(self.teacher_model))
-        return select_patches(self.mask_mode, scores=scores, batch_size=batch, num_patches=self.num_patches,
-                              num_keep=self.num_keep, device=x.device)
+            src = self.capture.score_grid(scores.shape[1], image_hw)
+            scores = resample_scores(scores, src_grid=src, dst_grid=grid)
+        return select_patches(self.mask_mode, scores=scores, batch_size=batch, num_patches=grid[0] * grid[1],
+                              num_keep=kept, device=x.device)
 
     def _run_pruned(self, x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
         if self.capture is not None and self.capture.always:
@@ -303,8 +420,12 @@ class MaskedDistillationLoss(DistillationLoss):
         extra = full if self.masking and MASK_MODES[self.mask_mode][1] == "teacher" else 0.0
         s = student_gflops(student, img_size=img_size) if student is not None else 0.0
         patches = self.num_patches or 0
+        heads = 0.0
+        if self.feature_kd is not None:  # trainable heads: the aligners see kept tokens only, the generator all
+            heads = heads_gflops(self.feature_kd, num_kept=self.num_keep if self.masking else None)
         return SupervisionCost(teacher_full=full, teacher_masked=masked, student_forward=s,
-                               num_keep=self.num_keep or patches, num_patches=patches, extra_teacher=extra)
+                               num_keep=self.num_keep or patches, num_patches=patches, extra_teacher=extra,
+                               feature_heads=heads)
 
     def describe(self) -> str:
         if self.distillation_type == "none":
@@ -317,4 +438,10 @@ class MaskedDistillationLoss(DistillationLoss):
             lines.append("teacher sees every patch (unmasked)")
         if self.renorm is not None:
             lines.append(self.renorm.describe())
+        if self.feature_kd is not None:
+            f = self.feature_kd
+            lines.append(f"ViTKD features: blocks {list(f.layers)} mimicked (alpha={f.alpha:g}) and the final norm "
+                         f"generated (beta={f.beta:g}, mask ratio {f.mask_ratio:g}), width {f.student_dim} -> "
+                         f"{f.teacher_dim}, {sum(p.numel() for p in f.heads.parameters()) / 1e6:.2f}M head params"
+                         + (" at the teacher's kept positions" if self.masking else ""))
         return "\n".join(lines)

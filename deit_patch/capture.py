@@ -56,6 +56,38 @@ def patch_grid(model: nn.Module) -> Optional[Tuple[int, int]]:
     return (int(grid[0]), int(grid[1])) if grid is not None else None
 
 
+def model_patch_grid(model: nn.Module, image_hw: Optional[Tuple[int, int]] = None) -> Optional[Tuple[int, int]]:
+    """A ViT's patch grid for an ``image_hw`` input: as built, or from the patch size for a dynamic-size model."""
+    model = unwrap_model(model)
+    patch_embed = getattr(model, "patch_embed", None)
+    built = patch_grid(model)
+    if image_hw is None or patch_embed is None or not getattr(model, "dynamic_img_size", False):
+        return built
+    ph, pw = _pair(getattr(patch_embed, "patch_size"))
+    if getattr(patch_embed, "dynamic_img_pad", False) or getattr(model, "dynamic_img_pad", False):
+        return -(-int(image_hw[0]) // ph), -(-int(image_hw[1]) // pw)  # padded up to whole patches
+    return int(image_hw[0]) // ph, int(image_hw[1]) // pw
+
+
+def _pair(value) -> Tuple[int, int]:
+    return (int(value[0]), int(value[1])) if isinstance(value, (tuple, list)) else (int(value), int(value))
+
+
+def expected_prefix_tokens(model: nn.Module) -> int:
+    """Tokens in front of the patches, from the model's attributes (callers verify it against real token counts).
+
+    timm >= 0.6 says ``num_prefix_tokens``; older timm has none, and DeiT's own distilled subclass of timm's ViT adds
+    a ``dist_token`` that its ``num_prefix_tokens`` does not count. The tokens that exist are counted instead:
+    class, distillation and register tokens, and the larger of the two answers wins.
+    """
+    model = unwrap_model(model)
+    stated = getattr(model, "num_prefix_tokens", None)
+    present = sum(int(getattr(model, name, None) is not None) for name in ("cls_token", "dist_token"))
+    registers = getattr(model, "reg_token", None)
+    present += int(registers.shape[1]) if isinstance(registers, torch.Tensor) and registers.dim() == 3 else 0
+    return max(int(stated), present) if isinstance(stated, int) else present
+
+
 def _in_backward() -> bool:
     # Activation checkpointing re-runs the forward inside backward; that recompute must not overwrite scores.
     task_id = getattr(torch._C, "_current_graph_task_id", None)
@@ -114,34 +146,52 @@ class AttentionCapture:
         k = attn.k_norm(qkv[:, :, 1].transpose(1, 2)) if hasattr(attn, "k_norm") else qkv[:, :, 1].transpose(1, 2)
         scale = float(getattr(attn, "scale", head_dim ** -0.5))
         probs = torch.softmax((q.float() * scale) @ k.float().transpose(-2, -1), dim=-1)  # (B, H, 1, N)
-        probs = probs.mean(dim=1).squeeze(1)  # (B, N): mean over heads, as the paper reads it
-        return probs[:, tokens - self._num_patches(tokens):]
+        # (B, N) over every token, mean over heads as the paper reads it. Which of the N are patches is decided in
+        # take(), where the batch's resolution is known (a dynamic-size student has no fixed patch count).
+        return probs.mean(dim=1).squeeze(1)
 
-    def _num_patches(self, tokens: int) -> int:
-        # Prefix tokens = whatever precedes the patch grid (cls; cls+dist; registers), so count patches, not prefixes.
-        if self.grid is not None and self.grid[0] * self.grid[1] < tokens:
-            return self.grid[0] * self.grid[1]
-        prefix = int(getattr(self.model, "num_prefix_tokens", 1))
-        return tokens - prefix
+    def patch_grid_for(self, image_hw: Optional[Tuple[int, int]]) -> Optional[Tuple[int, int]]:
+        """(rows, cols) of this model's patch grid for an ``image_hw`` input (None when it has no patch embedding)."""
+        return model_patch_grid(self.model, image_hw)
 
-    def take(self, batch_size: int) -> torch.Tensor:
-        """Scores (B, num_patches) of the last captured forward; consumed, so a stale batch can never be reused."""
-        scores, self._scores = self._scores, None
-        if scores is None:
+    def take(self, batch_size: int, *, image_hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Scores (B, num_patches) of the last captured forward; consumed, so a stale batch can never be reused.
+
+        ``image_hw`` is the batch's resolution: the patch count follows it for a dynamic-size model. The split into
+        prefix and patch tokens is verified against the token count the model really produced.
+        """
+        row, self._scores = self._scores, None
+        if row is None:
             raise CaptureError(
                 "no student attention was captured since the last loss call: run the student on this batch in "
                 "train mode with grad enabled before calling the loss (criterion(samples, model(samples), y)); "
                 "reentrant activation checkpointing hides the forward, use timm's default non-reentrant mode")
-        if scores.shape[0] != batch_size:
+        if row.shape[0] != batch_size:
             raise CaptureError(
-                f"captured student attention is for a batch of {scores.shape[0]} but the loss got {batch_size} "
+                f"captured student attention is for a batch of {row.shape[0]} but the loss got {batch_size} "
                 "samples: call the loss with the samples the student just processed")
-        return scores
+        return row[:, row.shape[1] - self._num_patches(row.shape[1], image_hw):]
 
-    def score_grid(self, num_patches: int) -> Tuple[int, int]:
-        """(rows, cols) of the score map for ``num_patches`` patches."""
-        if self.grid is not None and self.grid[0] * self.grid[1] == num_patches:
-            return self.grid
+    def _num_patches(self, tokens: int, image_hw: Optional[Tuple[int, int]]) -> int:
+        name = type(self.model).__name__
+        prefix = expected_prefix_tokens(self.model)
+        grid = self.patch_grid_for(image_hw)
+        if grid is None:  # no patch embedding to ask: trust the prefix count, the only thing left to go on
+            return tokens - prefix
+        patches = grid[0] * grid[1]
+        if tokens - patches != prefix:
+            raise CaptureError(
+                f"{name} produced {tokens} tokens, but a {grid[0]}x{grid[1]} patch grid"
+                f"{'' if image_hw is None else f' at {tuple(image_hw)} px'} plus {prefix} prefix token(s) makes "
+                f"{patches + prefix}: the model's token layout is not what its attributes say; build it with "
+                "img_size= at the batch resolution (or dynamic_img_size=True), or use mask_mode='random'")
+        return patches
+
+    def score_grid(self, num_patches: int, image_hw: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+        """(rows, cols) of the score map for ``num_patches`` patches (of an ``image_hw`` batch when given)."""
+        grid = self.patch_grid_for(image_hw) if image_hw is not None else self.grid
+        if grid is not None and grid[0] * grid[1] == num_patches:
+            return tuple(grid)
         side = int(round(num_patches ** 0.5))
         if side * side != num_patches:
             raise CaptureError(f"cannot infer a patch grid for {num_patches} student patches")
