@@ -10,6 +10,7 @@ distillation on the built-in procedural dataset (no files, no downloads).
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -325,9 +326,15 @@ def main(args) -> dict:
         if args.eval:
             load_weights(model_without_ddp, resume, strict=True, what="checkpoint to evaluate")
         else:
+            schedule = copy.deepcopy(lr_scheduler.state_dict())
             args.start_epoch = load_training_state(resume, model=model_without_ddp, optimizer=optimizer,
                                                    lr_scheduler=lr_scheduler, scaler=loss_scaler,
                                                    model_ema=model_ema)
+            if lr_scheduler.state_dict() != schedule:
+                # timm schedulers are a function of their settings and the epoch; the command line's settings win,
+                # so `--epochs 300` resumed from a run started with `--epochs 100` follows the 300-epoch schedule.
+                print("note: the schedule settings differ from the checkpoint's: following the command line")
+                lr_scheduler.load_state_dict(schedule)
             max_accuracy = float(read_checkpoint(resume).get("extra", {}).get("max_accuracy", 0.0))
             print(f"Resumed from {resume}: continuing at epoch {args.start_epoch}")
 
@@ -340,6 +347,10 @@ def main(args) -> dict:
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
     log_stats: dict = {}
+    # Epoch e trains at the schedule's value for e (as timm's train.py does). DeiT steps with `epoch` after epoch
+    # `epoch`, which repeats epoch 0's lr in epoch 1 (two warm-up epochs at --warmup-lr for --warmup-epochs 1).
+    # Setting the start epoch's value here also makes a resumed run continue on the same schedule.
+    lr_scheduler.step(args.start_epoch)
     for epoch in range(args.start_epoch, args.epochs):
         sampler_train.set_epoch(epoch) if hasattr(sampler_train, "set_epoch") else None
         if recorder is not None:
@@ -349,7 +360,7 @@ def main(args) -> dict:
             amp_dtype=args.amp_dtype, max_norm=args.clip_grad, model_ema=model_ema, mixup_fn=mixup_fn,
             set_training_mode=args.train_mode, bce_loss=args.bce_loss, print_freq=args.print_freq,
             mask_recorder=recorder, max_steps=args.max_steps_per_epoch)
-        lr_scheduler.step(epoch)
+        lr_scheduler.step(epoch + 1)
         if recorder is not None:
             recorder.end_epoch(epoch, is_last=epoch == args.epochs - 1)
         test_stats = evaluate(loader_val, model, device, amp_dtype=args.amp_dtype, reduce=args.dist_eval)

@@ -1,5 +1,6 @@
 """main_maskedkd.py end to end on CPU: tiny models, a generated ImageFolder, real checkpoints and torchrun."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -114,6 +115,34 @@ def test_resume_equals_straight_run(image_folder, teacher_ckpt, tmp_path):
     assert b[1]["train_loss"] == pytest.approx(a[1]["train_loss"], rel=1e-6, abs=1e-7)
     wa, wb = (read_checkpoint(d / "checkpoint.pth")["model"] for d in (straight, resumed))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def _cosine_lr_with_warmup(epoch, *, epochs, base, warmup_lr, min_lr, warmup_epochs=1):
+    """The lr epoch ``epoch`` should train at: linear warm-up from warmup_lr, then half a cosine to min_lr."""
+    if epoch < warmup_epochs:
+        return warmup_lr + epoch * (base - warmup_lr) / warmup_epochs
+    return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * epoch / epochs))
+
+
+def test_each_epoch_trains_at_its_own_scheduled_lr(image_folder, tmp_path):
+    # DeiT steps the scheduler with `epoch` after epoch `epoch`, so epoch 1 repeated epoch 0's warm-up lr.
+    sched = ["--warmup-epochs", "1", "--warmup-lr", "1e-5", "--min-lr", "1e-6", "--lr", "1e-3", "--sched", "cosine",
+             "--cooldown-epochs", "0"]
+    common = data(image_folder) + list(FAST) + DETERMINISTIC + STUDENT
+    for flag in ("--warmup-epochs", "--lr"):  # FAST's values are replaced by sched's
+        i = common.index(flag)
+        del common[i:i + 2]
+    epochs = common.index("--epochs") + 1
+    expected = [_cosine_lr_with_warmup(e, epochs=3, base=1e-3, warmup_lr=1e-5, min_lr=1e-6) for e in range(3)]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    three = list(common)
+    three[epochs] = "3"
+    run(three + sched + ["--output_dir", str(straight)])
+    assert [l["train_lr"] for l in log_lines(straight)] == pytest.approx(expected, rel=1e-9)
+    # Stopped after epoch 0 (a 1-epoch run) and resumed with --epochs 3: the command line's schedule continues.
+    run(common + sched + ["--output_dir", str(resumed)])
+    run(three + sched + ["--output_dir", str(resumed)])
+    assert [l["train_lr"] for l in log_lines(resumed)] == pytest.approx(expected, rel=1e-9)
 
 
 def test_eval_on_saved_checkpoint(image_folder, teacher_ckpt, tmp_path):
