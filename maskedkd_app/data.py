@@ -296,12 +296,76 @@ def _check_image_folder(root: str) -> None:
                         f"(only in train: {only_train}, only in val: {only_val}); expected the layout {_LAYOUT}")
 
 
+BAD_IMAGES_LOG = "bad_images.txt"
+
+
+class CheckedImageFolder(datasets.ImageFolder):
+    """``ImageFolder`` whose per-file failures name the file.
+
+    An unreadable file (corrupt, truncated, not an image) stops the run with a ``DataError`` naming it, or, with
+    ``skip_bad=True``, is reported once per process, appended to ``bad_log`` and replaced by the next readable
+    sample. An image smaller than the crop is always refused: that is a setting, not one bad file.
+    """
+
+    def __init__(self, root: str, *, transform: Optional[Callable], skip_bad: bool = False,
+                 bad_log: Optional[str] = None):
+        super().__init__(root, transform=transform)
+        self.skip_bad, self.bad_log = bool(skip_bad), bad_log
+        self.skipped: set = set()
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        for offset in range(len(self.samples)):
+            path, target = self.samples[(index + offset) % len(self.samples)]
+            try:
+                image = self.loader(path)  # decodes the whole file (convert('RGB')), so truncation shows here
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                if not self.skip_bad:
+                    raise DataError(f"cannot read image {path} ({type(error).__name__}: {error}); replace or delete "
+                                    "it, or pass --skip-bad-images to skip unreadable files") from None
+                self._report_bad(path, error)
+                continue
+            return self._transform(image, path), target
+        raise DataError(f"no readable image under {self.root}: every file failed to decode")
+
+    def _transform(self, image: Image.Image, path: str) -> Any:
+        if self.transform is None:
+            return image
+        try:
+            return self.transform(image)
+        except ValueError as error:
+            if "crop size" not in str(error):
+                raise
+            raise DataError(f"image {path} is {image.width}x{image.height} px, too small for the training crop "
+                            f"({error}); resize such images up or pass a smaller --input-size") from None
+
+    def _report_bad(self, path: str, error: BaseException) -> None:
+        if path in self.skipped:
+            return
+        self.skipped.add(path)
+        print(f"warning: skipping unreadable image {path} ({type(error).__name__}: {error})", flush=True)
+        if self.bad_log:
+            with open(self.bad_log, "a") as log:
+                log.write(path + "\n")
+
+
+def count_bad_images(output_dir: Optional[str]) -> int:
+    """Distinct unreadable files skipped so far by every loader process (they append to one log)."""
+    path = os.path.join(output_dir, BAD_IMAGES_LOG) if output_dir else None
+    if not path or not os.path.isfile(path):
+        return 0
+    with open(path) as log:
+        return len({line.strip() for line in log if line.strip()})
+
+
 def _image_folder(is_train: bool, args: Any) -> Tuple[Dataset, int]:
     root = args.data_path
     _check_image_folder(root)
     folder = os.path.join(root, "train" if is_train else "val")
+    output_dir = getattr(args, "output_dir", "")
     try:
-        dataset = datasets.ImageFolder(folder, transform=build_transform(is_train, args))
+        dataset = CheckedImageFolder(folder, transform=build_transform(is_train, args),
+                                     skip_bad=bool(getattr(args, "skip_bad_images", False)),
+                                     bad_log=os.path.join(output_dir, BAD_IMAGES_LOG) if output_dir else None)
     except FileNotFoundError as err:  # class folders exist but hold no readable images
         raise DataError(f"{folder!r}: {err}; expected the layout {_LAYOUT}") from err
     return dataset, len(dataset.classes)
