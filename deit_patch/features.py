@@ -257,6 +257,28 @@ def _gather(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
+def vitkd_terms(aligned: Sequence[torch.Tensor], generated: torch.Tensor, t_shallow: Sequence[torch.Tensor],
+                t_deep: torch.Tensor, *, mask: torch.Tensor, keep_idx: Optional[torch.Tensor], alpha: float,
+                beta: float, mask_ratio: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mimicking, generation) as the module docstring defines them, in float32.
+
+    ``aligned``: student shallow tokens after the aligners, already at the teacher's positions (B, K or N, D_t);
+    ``generated``: the generator's output on the full grid (B, N, D_t); ``t_shallow``/``t_deep``: teacher tokens
+    (B, K or N, D_t); ``mask``: (B, N) True where the generation mask hides a token; ``keep_idx``: (B, K) kept
+    teacher patches, None for an unmasked teacher.
+    """
+    batch, num_patches = mask.shape
+    mimic = sum((a.float() - t).pow(2).sum() for a, t in zip(aligned, t_shallow)) / batch * alpha
+    scale = beta / mask_ratio
+    if keep_idx is None:
+        err = (generated.float() - t_deep).pow(2).sum(-1) * mask
+        return mimic, err.sum() / batch * scale
+    num_masked = num_patches - int(num_patches * (1 - mask_ratio))  # what the reference supervises per image
+    supervised = mask.gather(1, keep_idx)  # (B, K): masked in the student and kept in the teacher
+    err = (_gather(generated, keep_idx).float() - t_deep).pow(2).sum(-1) * supervised
+    return mimic, err.sum() / supervised.sum().clamp_min(1) * (num_masked * scale)
+
+
 class ViTKD(nn.Module):
     """ViTKD's two terms for one student/teacher pair; the heads are this module's trainable children.
 
@@ -328,14 +350,8 @@ class ViTKD(nn.Module):
                                generator=self.generator_rng)
         heads = self._ddp if self._ddp is not None else self.heads
         aligned, generated = heads(s_shallow, s_deep, mask)
-        mimic = sum((a.float() - t).pow(2).sum() for a, t in zip(aligned, t_shallow)) / batch_size * self.alpha
-        scale = self.beta / self.mask_ratio
-        if keep_idx is None:
-            err = (generated.float() - t_deep).pow(2).sum(-1) * mask
-            return mimic, err.sum() / batch_size * scale
-        supervised = mask.gather(1, keep_idx)  # (B, K): masked in the student and kept in the teacher
-        err = (_gather(generated, keep_idx).float() - t_deep).pow(2).sum(-1) * supervised
-        return mimic, err.sum() / supervised.sum().clamp_min(1) * (self.num_masked * scale)
+        return vitkd_terms(aligned, generated, t_shallow, t_deep, mask=mask, keep_idx=keep_idx, alpha=self.alpha,
+                           beta=self.beta, mask_ratio=self.mask_ratio)
 
     def remove(self) -> None:
         self.student_features.remove()
