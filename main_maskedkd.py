@@ -127,6 +127,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-bf16", action="store_true", help="fast path: keep the teacher's weights in bf16")
     p.add_argument("--compile-teacher", action="store_true", help="fast path: torch.compile the pruned teacher")
     p.add_argument("--mask-vis", type=str, default="", help="write keep-frequency heat maps and mask grids here")
+    # ViTKD feature distillation (deit_patch/features.py), on the masked teacher too
+    p.add_argument("--feature-kd", default="none", choices=["none", "vitkd"],
+                   help="add ViTKD feature terms (mimic shallow blocks, generate the deep features)")
+    p.add_argument("--vitkd-alpha", type=float, default=3e-5, help="ViTKD mimicking weight")
+    p.add_argument("--vitkd-beta", type=float, default=3e-6, help="ViTKD generation weight")
+    p.add_argument("--vitkd-mask-ratio", type=float, default=0.5, help="ViTKD generation mask ratio (lambda)")
+    p.add_argument("--vitkd-layers", type=int, nargs="+", default=[0, 1], help="ViTKD shallow (mimicked) blocks")
     p.add_argument("--no-flops", action="store_true", help="skip the fvcore supervision-cost table at start-up")
 
     # Fine-tuning, data, run
@@ -223,7 +230,10 @@ def build_criterion(args, *, model, teacher, mixup_active: bool):
         base, teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau, student=model,
         keep_ratio=keep_ratio, num_keep=num_keep, mask_mode=args.mask_mode, kd_reduction=args.kd_reduction,
         student_mean=mean, student_std=std, teacher_mean=args.teacher_mean, teacher_std=args.teacher_std,
-        teacher_dtype=torch.bfloat16 if args.teacher_bf16 else None, compile_teacher=args.compile_teacher)
+        teacher_dtype=torch.bfloat16 if args.teacher_bf16 else None, compile_teacher=args.compile_teacher,
+        feature_kd=None if getattr(args, "feature_kd", "none") == "none" else args.feature_kd,
+        vitkd_alpha=args.vitkd_alpha, vitkd_beta=args.vitkd_beta, vitkd_mask_ratio=args.vitkd_mask_ratio,
+        vitkd_layers=tuple(args.vitkd_layers))
 
 
 def check_args(args) -> None:
@@ -309,6 +319,12 @@ def main(args) -> dict:
         teacher = create_teacher(args, args.nb_classes).to(device).eval()
     criterion = build_criterion(args, model=model, teacher=teacher, mixup_active=mixup_active)
     print(criterion.describe())
+    feature_heads = getattr(criterion, "feature_heads", None)
+    if feature_heads is not None:
+        # The heads train with the student (same lr/schedule; decay on weights only), outside its EMA and exports.
+        for group in criterion.feature_param_groups(args.weight_decay):
+            optimizer.add_param_group(group)
+        lr_scheduler, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(args))  # so it sees the new groups
     cost = None
     if teacher is not None and not args.no_flops and dist_utils.is_main_process():
         cost = criterion.supervision_cost(img_size=(args.input_size, args.input_size), student=model_without_ddp)
@@ -329,7 +345,7 @@ def main(args) -> dict:
             schedule = copy.deepcopy(lr_scheduler.state_dict())
             args.start_epoch = load_training_state(resume, model=model_without_ddp, optimizer=optimizer,
                                                    lr_scheduler=lr_scheduler, scaler=loss_scaler,
-                                                   model_ema=model_ema)
+                                                   model_ema=model_ema, feature_heads=feature_heads)
             if lr_scheduler.state_dict() != schedule:
                 # timm schedulers are a function of their settings and the epoch; the command line's settings win,
                 # so `--epochs 300` resumed from a run started with `--epochs 100` follows the 300-epoch schedule.
@@ -377,7 +393,7 @@ def main(args) -> dict:
             extra = {"max_accuracy": max_accuracy}
             save_training_state(output_dir / "checkpoint.pth", model=model_without_ddp, optimizer=optimizer,
                                 lr_scheduler=lr_scheduler, epoch=epoch, args=args, scaler=loss_scaler,
-                                model_ema=model_ema, extra=extra)
+                                model_ema=model_ema, extra=extra, feature_heads=feature_heads)
             if test_stats["acc1"] >= max_accuracy:
                 save_atomic({"model": model_without_ddp.state_dict(), "epoch": epoch},
                             output_dir / "best_checkpoint.pth")

@@ -89,6 +89,7 @@ class SupervisionCost:
     num_keep: int
     num_patches: int
     extra_teacher: float = 0.0   # GFLOPs/img spent choosing the mask ('teacher' mode runs a full pass first)
+    feature_heads: float = 0.0   # GFLOPs/img of trainable feature-distillation heads' forward (ViTKD), 0 without
 
     @property
     def teacher_per_step(self) -> float:
@@ -108,7 +109,8 @@ class SupervisionCost:
         return {"teacher_gflops_full": self.teacher_full, "teacher_gflops_masked": self.teacher_masked,
                 "teacher_gflops_mask_choice": self.extra_teacher, "teacher_saving": self.saving,
                 "student_gflops_fwd": self.student_forward, "student_gflops_train": self.student_train,
-                "num_keep": self.num_keep, "num_patches": self.num_patches}
+                "num_keep": self.num_keep, "num_patches": self.num_patches,
+                "feature_heads_gflops_fwd": self.feature_heads}
 
     def table(self) -> str:
         rows = [
@@ -121,9 +123,14 @@ class SupervisionCost:
             ("teacher compute saved", f"{100 * self.saving:.1f}%"),
             ("student GFLOPs/img, forward", f"{self.student_forward:.3f}"),
             ("student GFLOPs/img, training (3x fwd)", f"{self.student_train:.3f}"),
-            ("supervision share of a step", f"{100 * self.teacher_per_step / (self.teacher_per_step + self.student_train):.1f}%"
-             if self.teacher_per_step + self.student_train else "n/a"),
         ]
+        # Trainable heads train like the student (forward + backward ~ 3 forwards) and count as supervision.
+        heads_train = 3.0 * self.feature_heads
+        if self.feature_heads:
+            rows.append(("feature heads GFLOPs/img, training (3x fwd)", f"{heads_train:.3f}"))
+        supervision = self.teacher_per_step + heads_train
+        rows.append(("supervision share of a step", f"{100 * supervision / (supervision + self.student_train):.1f}%"
+                     if supervision + self.student_train else "n/a"))
         width = max(len(r[0]) for r in rows)
         return "\n".join(f"  {name:<{width}}  {value:>10}" for name, value in rows)
 

@@ -238,7 +238,8 @@ def load_teacher(model: nn.Module, path_or_url: PathLike, *, strict: bool = True
 
 def save_training_state(path: PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                         lr_scheduler: Any, epoch: int, args: Any, scaler: Any = None, model_ema: Any = None,
-                        extra: Optional[Mapping[str, Any]] = None) -> None:
+                        extra: Optional[Mapping[str, Any]] = None,
+                        feature_heads: Optional[nn.Module] = None) -> None:
     """Atomically save everything needed to resume, in a form ``torch.load(weights_only=True)`` accepts.
 
     ``epoch`` is the epoch just finished; ``load_training_state`` returns ``epoch + 1``.
@@ -259,6 +260,8 @@ def save_training_state(path: PathLike, *, model: nn.Module, optimizer: torch.op
         state["model_ema"] = _ema_module(model_ema).state_dict()
     if extra is not None:
         state["extra"] = dict(extra)
+    if feature_heads is not None:  # trainable distillation heads (ViTKD): not student weights, but training state
+        state["feature_heads"] = feature_heads.state_dict()
     # Refuse before writing: an object that only pickles with code would make the resume fail, not the save.
     _check_weights_only_safe(state, where="training state")
     save_atomic(state, path)
@@ -266,7 +269,7 @@ def save_training_state(path: PathLike, *, model: nn.Module, optimizer: torch.op
 
 def load_training_state(path: PathLike, *, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                         lr_scheduler: Any = None, scaler: Any = None, model_ema: Any = None,
-                        restore_rng: bool = True) -> int:
+                        restore_rng: bool = True, feature_heads: Optional[nn.Module] = None) -> int:
     """Restore what ``save_training_state`` wrote into the objects given; returns the epoch to start at."""
     source = os.fspath(path)
     state = read_checkpoint(source)
@@ -286,6 +289,12 @@ def load_training_state(path: PathLike, *, model: nn.Module, optimizer: Optional
         _require_key(state, "model_ema", source=source)
         load_state_checked(_ema_module(model_ema), state["model_ema"], strict=True, source=source, what="EMA state",
                    fix=fix)
+    if feature_heads is not None:
+        # Fresh heads would silently restart feature distillation from random aligners/generator, so insist.
+        _require_key(state, "feature_heads", source=source)
+        load_state_checked(feature_heads, state["feature_heads"], strict=True, source=source,
+                           what="feature-distillation heads", fix="Resume with the same --feature-kd/--vitkd-layers "
+                           "and the same student/teacher widths the checkpoint was trained with.")
     if restore_rng and "rng" in state:
         restore_rng_state(state["rng"])
     return int(state["epoch"]) + 1

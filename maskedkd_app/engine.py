@@ -113,6 +113,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         stats["teacher_tokens_kept"] = meter.kept_fraction
         stats["teacher_tokens_per_img"] = meter.tokens / meter.images
         meter.reset()
+    pop_terms = getattr(criterion, "pop_loss_terms", None)  # feature KD: logit, mimic and generation terms apart
+    if callable(pop_terms):
+        stats.update(pop_terms(all_reduce=is_dist_avail_and_initialized()))
     print("Averaged stats:", {k: round(v, 5) for k, v in stats.items()})
     return stats
 
