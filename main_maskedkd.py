@@ -34,7 +34,8 @@ from maskedkd_app.checkpoint import (CheckpointError, extract_state_dict, find_r
                                    load_training_state, read_checkpoint, save_atomic, save_training_state)
 from maskedkd_app.data import DataError, build_dataset, build_loaders, data_stats
 from maskedkd_app.engine import NonFiniteLossError, evaluate, train_one_epoch
-from deit_patch.masking import MASK_MODES
+from maskedkd_app.keep_schedule import KeepSchedule
+from deit_patch.masking import KEEP_SCHEDULES, MASK_MODES
 from deit_patch.teacher_input import TeacherInputError
 from deit_patch.teachers import UnsupportedTeacherError, find_family, teacher_grid
 from losses import MaskedDistillationLoss
@@ -120,6 +121,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="number of teacher patches kept (the paper code's --len_num_keep; 98 of 196)")
     p.add_argument("--mask-mode", default="attention", choices=["none"] + sorted(MASK_MODES))
     p.add_argument("--kd-reduction", default="numel", choices=["numel", "batchmean"])
+    p.add_argument("--keep-schedule", default="none", choices=["none"] + sorted(KEEP_SCHEDULES),
+                   help="anneal the teacher's keep ratio from 1.0 (every patch) to the target --keep-ratio")
+    p.add_argument("--keep-schedule-epochs", type=int, default=None,
+                   help="epochs the --keep-schedule warm-up lasts (default: a third of --epochs)")
     p.add_argument("--amp-dtype", default=None, choices=["bf16", "fp16", "none"],
                    help="autocast dtype (default: bf16 on GPU, none on CPU)")
     p.add_argument("--teacher-mean", type=float, nargs=3, default=None, help="override the teacher's input mean")
@@ -325,9 +330,14 @@ def main(args) -> dict:
         for group in criterion.feature_param_groups(args.weight_decay):
             optimizer.add_param_group(group)
         lr_scheduler, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(args))  # so it sees the new groups
+    keep_schedule = KeepSchedule.from_args(args, criterion)
+    if keep_schedule is not None:
+        print(keep_schedule.describe())
     cost = None
     if teacher is not None and not args.no_flops and dist_utils.is_main_process():
         cost = criterion.supervision_cost(img_size=(args.input_size, args.input_size), student=model_without_ddp)
+        if keep_schedule is not None:  # the run's teacher cost is the schedule's average, not the target's
+            cost = keep_schedule.integrate(cost, teacher=teacher, img_size=(args.input_size, args.input_size))
         print("Supervision cost (fvcore, per image):\n" + cost.table())
 
     output_dir = Path(args.output_dir) if args.output_dir else None
@@ -369,6 +379,7 @@ def main(args) -> dict:
     lr_scheduler.step(args.start_epoch)
     for epoch in range(args.start_epoch, args.epochs):
         sampler_train.set_epoch(epoch) if hasattr(sampler_train, "set_epoch") else None
+        epoch_keep = keep_schedule.apply(epoch) if keep_schedule is not None else {}
         if recorder is not None:
             recorder.start_epoch(epoch, is_first=epoch == 0, is_last=epoch == args.epochs - 1)
         train_stats = train_one_epoch(
@@ -389,6 +400,10 @@ def main(args) -> dict:
         if cost is not None:
             log_stats.update(teacher_gflops_per_img=cost.teacher_per_step, teacher_gflops_full=cost.teacher_full,
                              student_gflops_train=cost.student_train)
+            if keep_schedule is not None:  # this epoch's keep, not the run's average
+                log_stats["teacher_gflops_per_img"] = cost.extra_teacher + keep_schedule.epoch_gflops(
+                    epoch, teacher=teacher, img_size=(args.input_size, args.input_size))
+        log_stats.update(epoch_keep)
         if output_dir and dist_utils.is_main_process():
             extra = {"max_accuracy": max_accuracy}
             save_training_state(output_dir / "checkpoint.pth", model=model_without_ddp, optimizer=optimizer,

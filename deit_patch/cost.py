@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -69,6 +69,18 @@ def teacher_gflops(teacher: nn.Module, *, img_size: Tuple[int, int], num_keep: O
         model.train(was_training)
 
 
+def scheduled_teacher_gflops(teacher: nn.Module, *, img_size: Tuple[int, int], num_keeps: Sequence[int]) -> float:
+    """Masked-teacher GFLOPs/img averaged over a run whose epoch ``e`` keeps ``num_keeps[e]`` patches.
+
+    Every epoch sees the same number of images, so the run's per-image cost is the plain mean over epochs; each
+    distinct count is traced once.
+    """
+    if not num_keeps:
+        raise ValueError("num_keeps is empty: give the kept patch count of every epoch")
+    per_count = {k: teacher_gflops(teacher, img_size=img_size, num_keep=int(k)) for k in set(num_keeps)}
+    return sum(per_count[k] for k in num_keeps) / len(num_keeps)
+
+
 @torch.no_grad()
 def student_gflops(student: nn.Module, *, img_size: Tuple[int, int]) -> float:
     """Student forward GFLOPs per image (eval-mode trace, so a distilled student counts one forward)."""
@@ -90,10 +102,12 @@ class SupervisionCost:
     num_patches: int
     extra_teacher: float = 0.0   # GFLOPs/img spent choosing the mask ('teacher' mode runs a full pass first)
     feature_heads: float = 0.0   # GFLOPs/img of trainable feature-distillation heads' forward (ViTKD), 0 without
+    teacher_scheduled: Optional[float] = None  # keep-ratio schedule: masked GFLOPs/img averaged over the run's epochs
 
     @property
     def teacher_per_step(self) -> float:
-        return self.teacher_masked + self.extra_teacher
+        masked = self.teacher_masked if self.teacher_scheduled is None else self.teacher_scheduled
+        return masked + self.extra_teacher
 
     @property
     def saving(self) -> float:
@@ -110,13 +124,16 @@ class SupervisionCost:
                 "teacher_gflops_mask_choice": self.extra_teacher, "teacher_saving": self.saving,
                 "student_gflops_fwd": self.student_forward, "student_gflops_train": self.student_train,
                 "num_keep": self.num_keep, "num_patches": self.num_patches,
-                "feature_heads_gflops_fwd": self.feature_heads}
+                "feature_heads_gflops_fwd": self.feature_heads,
+                "teacher_gflops_scheduled": self.teacher_scheduled}
 
     def table(self) -> str:
         rows = [
             ("teacher GFLOPs/img, all patches", f"{self.teacher_full:.3f}"),
             (f"teacher GFLOPs/img, {self.num_keep}/{self.num_patches} patches", f"{self.teacher_masked:.3f}"),
         ]
+        if self.teacher_scheduled is not None:
+            rows.append(("teacher GFLOPs/img, run average (keep schedule)", f"{self.teacher_scheduled:.3f}"))
         if self.extra_teacher:
             rows.append(("teacher GFLOPs/img choosing the mask", f"{self.extra_teacher:.3f}"))
         rows += [

@@ -5,6 +5,7 @@ tokens keep their raster order (the teacher's output does not depend on it, but 
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -87,3 +88,29 @@ def resolve_num_keep(*, num_patches: int, keep_ratio: Optional[float], num_keep:
 def _ratio_to_count(keep_ratio: float, num_patches: int) -> int:
     # Round to nearest, never below one patch: 0.5 of 196 is the paper's 98.
     return max(1, min(num_patches, int(round(float(keep_ratio) * num_patches))))
+
+
+# Keep-ratio warm-up: how far (0 -> 1) the keep ratio has moved from its start (1.0, the full teacher) to the
+# target, as a function of the fraction of the warm-up done. A registry, so a new shape is one entry.
+KEEP_SCHEDULES: Dict[str, Callable[[float], float]] = {
+    "linear": lambda progress: progress,
+    "cosine": lambda progress: 0.5 * (1.0 - math.cos(math.pi * progress)),
+}
+
+
+def scheduled_keep_ratio(epoch: int, *, target: float, warmup_epochs: int, shape: str = "linear",
+                         start: float = 1.0) -> float:
+    """The keep ratio for ``epoch``: ``start`` at epoch 0, annealed to ``target`` at ``warmup_epochs`` and after.
+
+    One value per epoch, so a resumed run recomputes exactly what a straight run used.
+    """
+    if shape not in KEEP_SCHEDULES:
+        raise ValueError(f"unknown keep schedule {shape!r}: choose one of {sorted(KEEP_SCHEDULES)}")
+    for name, value in (("target", target), ("start", start)):
+        if not 0.0 < float(value) <= 1.0:
+            raise ValueError(f"keep schedule {name}={value} is outside (0, 1]: give a fraction of teacher patches")
+    if warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs={warmup_epochs} must be >= 0 (0: the target from the first epoch)")
+    if epoch >= warmup_epochs:
+        return float(target)
+    return float(start) + (float(target) - float(start)) * KEEP_SCHEDULES[shape](epoch / warmup_epochs)
