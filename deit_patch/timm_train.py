@@ -1,0 +1,151 @@
+"""Run timm's own ``train.py``, unmodified, with MaskedKD's teacher masking.
+
+    python -m deit_patch.timm_train --timm-train PATH/TO/pytorch-image-models/train.py <train.py's flags> \\
+        --kd-model-name vit_base_patch16_224 --keep-ratio 0.5 [--num-keep N] [--mask-mode M] [--kd-checkpoint FILE]
+
+The masking flags are taken off the command line; everything else goes to ``train.py``. ``train.py`` picks its
+distillation task by name (``from timm.task import LogitDistillationTask, TokenDistillationTask``), so those two
+names in ``timm.task`` are pointed at the masked tasks (``deit_patch.timm_task``) configured with the flags, and
+``train.py`` then runs as a script (``runpy``). Works under ``torchrun ... -m deit_patch.timm_train``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .masking import MASK_MODES
+from .timm_task import TASK_BASES, TeacherWeightsUnavailable, TimmTaskUnavailable, configured
+
+# our flag -> where it goes (a masked task constructor argument)
+OUR_FLAGS = ("--timm-train", "--keep-ratio", "--num-keep", "--mask-mode", "--kd-checkpoint", "--no-flops")
+
+
+class TimmTrainError(RuntimeError):
+    """The command line or the train.py cannot work with the masked tasks."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: a prefix of one of train.py's flags must never be taken for ours.
+    parser = argparse.ArgumentParser(
+        prog="python -m deit_patch.timm_train", add_help=False, allow_abbrev=False,
+        description="timm's train.py with MaskedKD: the KD teacher sees only the patches the student attends to. "
+                    "All other flags go to train.py (--kd-model-name selects distillation there).")
+    parser.add_argument("--timm-train", required=True, metavar="PATH",
+                        help="timm's train.py (from a pytorch-image-models checkout matching the installed timm)")
+    parser.add_argument("--keep-ratio", type=float, default=None,
+                        help="fraction of teacher patches kept (default 0.5 with a ViT-family teacher, 1.0 with a CNN)")
+    parser.add_argument("--num-keep", type=int, default=None, help="absolute teacher patch count instead")
+    parser.add_argument("--mask-mode", default=None, choices=sorted(MASK_MODES) + ["none"],
+                        help="how patches are chosen (default attention: the student's class-token attention)")
+    parser.add_argument("--kd-checkpoint", default=None, metavar="FILE",
+                        help="local weights for the --kd-model-name teacher (.pth/.safetensors with its classifier "
+                             "for your classes); without it timm downloads the pretrained teacher")
+    parser.add_argument("--no-flops", action="store_true", help="skip the fvcore supervision-cost table at start-up")
+    return parser
+
+
+def split_args(argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
+    """(our options, train.py's arguments)."""
+    parser = build_parser()
+    if any(a in ("-h", "--help") for a in argv):
+        parser.print_help()
+        print("\n--- train.py's own flags follow ---\n", flush=True)
+        if not any(a == "--timm-train" or a.startswith("--timm-train=") for a in argv):
+            raise SystemExit(0)
+    ours, rest = parser.parse_known_args(list(argv))
+    return ours, rest
+
+
+def check_train_script(path: str) -> str:
+    """The train.py source, after checking it is a timm train.py that builds tasks through ``timm.task``."""
+    if not os.path.isfile(path):
+        raise TimmTrainError(f"--timm-train {path!r} is not a file: pass the train.py of a pytorch-image-models "
+                             "checkout (git clone https://github.com/huggingface/pytorch-image-models)")
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    if "timm.task" not in source or "LogitDistillationTask" not in source:
+        raise TimmTrainError(
+            f"{path} does not build its distillation task through timm.task.LogitDistillationTask, so the masked "
+            "task cannot be put in its place: use the train.py of timm >= 1.0.23 (matching the installed timm)")
+    taken = [flag for flag in OUR_FLAGS if f"'{flag}'" in source or f'"{flag}"' in source]
+    if taken:
+        raise TimmTrainError(f"{path} defines {', '.join(taken)} itself, which this wrapper also reads: the two "
+                             "would clash; edit train.py by hand instead (README, 'With timm's train.py')")
+    return source
+
+
+def task_defaults(ours: argparse.Namespace) -> Dict[str, object]:
+    """Constructor defaults for the masked tasks from our flags (only what was given)."""
+    defaults: Dict[str, object] = {}
+    if ours.keep_ratio is not None:
+        defaults["keep_ratio"] = ours.keep_ratio
+    if ours.num_keep is not None:
+        defaults["num_keep"] = ours.num_keep
+    if ours.mask_mode is not None:
+        defaults["mask_mode"] = ours.mask_mode
+    if ours.kd_checkpoint is not None:
+        if not os.path.isfile(ours.kd_checkpoint):
+            raise TimmTrainError(f"--kd-checkpoint {ours.kd_checkpoint!r} is not a file")
+        defaults["teacher_pretrained_path"] = os.path.abspath(ours.kd_checkpoint)
+    defaults["log_supervision_cost"] = not ours.no_flops
+    return defaults
+
+
+def install_tasks(defaults: Dict[str, object], built: List[str]) -> Dict[str, object]:
+    """Point ``timm.task``'s task names at configured masked tasks; returns the originals (to restore)."""
+    import timm.task as timm_task
+    originals: Dict[str, object] = {}
+    for name, (base_name, _) in TASK_BASES.items():
+        if not hasattr(timm_task, base_name):
+            continue  # TokenDistillationTask arrived in timm 1.0.25; train.py of 1.0.23/24 does not ask for it
+        masked = configured(name, **defaults)
+
+        def __init__(self, *args, __masked=masked, **kwargs):
+            __masked.__init__(self, *args, **kwargs)
+            built.append(type(self).__name__)
+
+        tracked = type(name, (masked,), {"__init__": __init__, "__module__": masked.__module__})
+        originals[base_name] = getattr(timm_task, base_name)
+        setattr(timm_task, base_name, tracked)
+    return originals
+
+
+def run(argv: Optional[Sequence[str]] = None) -> None:
+    ours, rest = split_args(sys.argv[1:] if argv is None else argv)
+    train_py = os.path.abspath(ours.timm_train)
+    check_train_script(train_py)
+    defaults = task_defaults(ours)
+    built: List[str] = []
+    try:
+        originals = install_tasks(defaults, built)
+    except TimmTaskUnavailable as err:
+        raise TimmTrainError(str(err)) from None
+    import timm.task as timm_task
+    saved_argv, saved_path = list(sys.argv), list(sys.path)
+    sys.argv = [train_py] + list(rest)
+    sys.path.insert(0, os.path.dirname(train_py))  # as `python train.py` would: its folder first
+    try:
+        runpy.run_path(train_py, run_name="__main__")
+    finally:
+        for base_name, original in originals.items():
+            setattr(timm_task, base_name, original)
+        sys.argv, sys.path = saved_argv, saved_path
+    if any(a == "--kd-model-name" or a.startswith("--kd-model-name=") for a in rest) and not built:
+        print("deit_patch.timm_train: warning: train.py trained without building a masked task (feature "
+              "distillation, --kd-distill-type feature, is not masked; or this train.py builds its task another "
+              "way), so no teacher patches were masked", file=sys.stderr)
+
+
+def main() -> None:
+    try:
+        run()
+    except (TimmTrainError, TeacherWeightsUnavailable) as err:
+        print(f"deit_patch.timm_train: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
