@@ -13,6 +13,8 @@ Sections (``--section``, comma separated, names or numbers; default all):
   4 cost     fvcore GFLOPs per configuration (cost.py), with the times above: images/s, achieved FLOP/s, peak memory
   5 fast     teacher_dtype=bfloat16 (+ compile_teacher=True) vs eager autocast, a bf16 matmul ceiling, and the
              fraction of it the teacher reaches
+  6 vitkd    train step with logit KD vs logit KD + ViTKD feature terms (heads in the optimizer), each with the full
+             teacher and at --distill-keep (first teacher), plus the heads' fvcore GMAC
 
 Every ratio compares variants timed in the same process, interleaved round-robin inside each repetition (the
 starting variant rotates), so drifting load hits them alike; the figures are medians over ``--iters`` repetitions
@@ -55,11 +57,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from deit_patch.capture import AttentionCapture  # noqa: E402
 from deit_patch.cost import student_gflops, teacher_gflops  # noqa: E402
+from deit_patch.features import heads_gflops  # noqa: E402
 from deit_patch.masking import resample_scores, resolve_num_keep, topk_indices  # noqa: E402
 from deit_patch.teachers import pruned_forward, require_family, teacher_grid  # noqa: E402
 from losses import DistillationLoss, MaskedDistillationLoss, soft_kd  # noqa: E402
 
-SECTIONS = ("teacher", "student", "distill", "cost", "fast")
+SECTIONS = ("teacher", "student", "distill", "cost", "fast", "vitkd")
 
 # Real sizes (ANCHORS.md) and a CPU stand-in with the same three code paths: a ViT/DeiT teacher (class token inside
 # the position embedding), a DeiT-III one (no_embed_class) and a patch-14-like one whose grid differs from the
@@ -647,6 +650,9 @@ class Bench:
             del a, b
         return out
 
+    def section_vitkd(self) -> None:
+        _VitkdSection.run(self)
+
     def section_fast(self) -> None:
         args, x = self.args, self.x
         keep = args.distill_keep
@@ -788,6 +794,58 @@ class Bench:
 
 
 # --- entry point ---------------------------------------------------------------------------------------------
+class _VitkdSection:
+    """Section 6, kept apart from the sections above: logit KD vs logit KD + ViTKD, full and masked teacher."""
+
+    @staticmethod
+    def run(bench: "Bench") -> None:
+        args, x, y = bench.args, bench.x, bench.y
+        keep, spec = args.distill_keep, args.teachers[0]
+        teacher = bench.teacher(spec)
+        variants, crits, labels, heads = {}, {}, {}, {}
+        try:
+            for feature_kd in (None, "vitkd"):
+                for k in (1.0, keep):
+                    student = bench.student()
+                    name = f"{feature_kd or 'logit'}@{k:g}"
+                    crit = MaskedDistillationLoss(nn.CrossEntropyLoss(), teacher, "soft", 0.5, 1.0, student=student,
+                                                  keep_ratio=k, mask_mode="attention", feature_kd=feature_kd)
+                    opt = bench.optimizer(student)
+                    for group in crit.feature_param_groups(0.05):  # what main_maskedkd.py does
+                        opt.add_param_group(group)
+                    crits[name] = crit
+                    variants[name] = bench._train_step(student, opt, lambda out, crit=crit: crit(x, out, y))
+                    labels[name] = (("logit KD + ViTKD" if feature_kd else "logit KD")
+                                    + (", full teacher" if k == 1.0 else f", MaskedKD keep {k:g}"))
+                    if feature_kd:
+                        heads[name] = heads_gflops(crit.feature_kd, num_kept=crit.num_keep if crit.masking else None)
+            stats = bench._time(variants, f"vitkd {short_name(spec)}")
+            peak = {n: peak_extra_mib(fn, bench.device) for n, fn in variants.items()}
+        finally:
+            for crit in crits.values():
+                crit.remove_hooks()
+        base = stats["logit@1"]
+        rows, out = [], {"teacher": spec, "keep": keep, "variants": {}}
+        for name, stat in stats.items():
+            rows.append([labels[name], fmt(stat.median), fmt(bench.throughput(stat.median), ".0f"),
+                         fmt(paired_ratio(stat, base), ".3f"), fmt(heads.get(name), ".3f"), fmt(peak[name], ".0f")])
+            out["variants"][name] = {**stat.as_dict(), "label": labels[name], "vs_logit_full": paired_ratio(stat, base),
+                                     "heads_gmac_per_img": heads.get(name), "peak_extra_mib": peak[name]}
+        km = f"{keep:g}"
+        out["vitkd_overhead_full"] = paired_ratio(stats["vitkd@1"], stats["logit@1"])
+        out["vitkd_overhead_masked"] = paired_ratio(stats[f"vitkd@{km}"], stats[f"logit@{km}"])
+        out["masked_saving_logit"] = 1 - paired_ratio(stats[f"logit@{km}"], stats["logit@1"])
+        out["masked_saving_vitkd"] = 1 - paired_ratio(stats[f"vitkd@{km}"], stats["vitkd@1"])
+        out["student_gmac_fwd"] = bench.gmac(bench.student(), ("student", None), kind="student")
+        print_table(f"6. Logit KD vs logit KD + ViTKD (student {short_name(args.student)}, teacher {short_name(spec)})",
+                    ["variant", "ms", "img/s", "vs logit full", "heads GMAC/img", "peak MiB"], rows, left=1)
+        print(f"  ViTKD step overhead: x{out['vitkd_overhead_full']:.3f} with the full teacher, "
+              f"x{out['vitkd_overhead_masked']:.3f} at keep {km}; MaskedKD saves "
+              f"{100 * out['masked_saving_logit']:.1f}% of the logit-KD step and {100 * out['masked_saving_vitkd']:.1f}% "
+              f"of the ViTKD step (student forward {out['student_gmac_fwd']:.3f} GMAC/img)")
+        bench.results["vitkd_step"] = out
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -809,11 +867,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--mode", choices=("cpu", "gpu"), default=None,
                    help="model sizes: 'gpu' real (batch 256, 224 px, bf16), 'cpu' small; default from the device")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--section", default="all", help=f"comma list of {','.join(SECTIONS)} or 1-5, or 'all'")
+    p.add_argument("--section", default="all", help=f"comma list of {','.join(SECTIONS)} or 1-{len(SECTIONS)}, or 'all'")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=20, help="timed repetitions (medians; use >= 20 for reported figures)")
     p.add_argument("--keeps", default="1.0,0.75,0.5,0.25")
-    p.add_argument("--distill-keep", type=float, default=0.5, help="keep ratio for sections 3 and 5")
+    p.add_argument("--distill-keep", type=float, default=0.5, help="keep ratio for sections 3, 5 and 6")
     p.add_argument("--teachers", default=None,
                    help="comma list of timm names, each optionally name:key=value:... (create_model overrides)")
     p.add_argument("--student", default=None)
