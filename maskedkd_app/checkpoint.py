@@ -7,6 +7,7 @@ safetensors), and every failure surfaces as a ``CheckpointError`` that names the
 from __future__ import annotations
 
 import argparse
+import errno
 import inspect
 import os
 import pickle
@@ -16,7 +17,7 @@ import struct
 import tempfile
 import zipfile
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -58,6 +59,30 @@ def save_atomic(obj: Any, path: PathLike) -> None:
     if not os.path.isdir(directory):
         raise CheckpointError(
             f"cannot save checkpoint {path}: directory {directory} does not exist; create it or fix --output-dir")
+    try:
+        _write_then_rename(obj, path, directory)
+    except (OSError, RuntimeError) as error:
+        cause = _os_error(error)
+        if cause is None:
+            raise
+        # Disk full, quota, read-only remount: the previous checkpoint is still whole (the rename never happened).
+        kept = "the previous checkpoint is intact" if os.path.isfile(path) else "no earlier checkpoint existed"
+        raise CheckpointError(f"cannot write checkpoint {path}: {cause.strerror or cause} ({kept}); free space or "
+                              "pass a writable --output_dir, then rerun to resume") from None
+    _fsync_directory(directory)
+
+
+def _os_error(error: BaseException) -> Optional[OSError]:
+    # torch.save turns a failing buffered write (ENOSPC) into a RuntimeError whose context is the OSError.
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, OSError):
+            return error
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
+def _write_then_rename(obj: Any, path: str, directory: str) -> None:
     with tempfile.NamedTemporaryFile(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp",
                                      delete=False) as handle:
         tmp_path = handle.name
@@ -74,7 +99,6 @@ def save_atomic(obj: Any, path: PathLike) -> None:
     except BaseException:
         os.unlink(tmp_path)
         raise
-    _fsync_directory(directory)
 
 
 def _fsync_directory(directory: str) -> None:
@@ -122,6 +146,8 @@ def read_checkpoint(path_or_url: PathLike, *, map_location: Any = "cpu") -> Dict
     except _CORRUPT_ERRORS as error:
         raise _corrupt_error(source, error) from None
     except OSError as error:
+        if error.errno in (errno.EINVAL, errno.EIO):  # a short file read past its end on some readers
+            raise _corrupt_error(source, error) from None
         raise CheckpointError(f"cannot read checkpoint {source}: {error}") from None
 
 
@@ -208,11 +234,26 @@ def _shape_mismatches(module: nn.Module, state: Mapping[str, torch.Tensor]) -> L
 
 
 def load_state_checked(module: nn.Module, state: Mapping[str, torch.Tensor], *, strict: bool, source: str,
-               what: str, fix: str) -> None:
-    """``load_state_dict`` with every key/shape problem collected into one readable CheckpointError."""
+               what: str, fix: str, may_miss: Sequence[str] = ()) -> None:
+    """``load_state_dict`` with every key/shape problem collected into one readable CheckpointError.
+
+    ``strict=False`` still verifies that the checkpoint is this architecture: keys the model has but the
+    checkpoint lacks are refused unless they start with one of ``may_miss`` (the head a fine-tune re-initialises),
+    and a checkpoint sharing no key with the model is refused outright; keys only the checkpoint has are listed.
+    """
     expected = module.state_dict().keys()
-    missing = [key for key in expected if key not in state] if strict else []
-    unexpected = [key for key in state if key not in expected] if strict else []
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    if not strict:
+        if not any(key in state for key in expected):
+            raise CheckpointError(f"{what} from {source} shares no parameter name with {type(module).__name__} "
+                                  f"(checkpoint keys: {_summarise(list(state.keys()))}): it is another "
+                                  f"architecture, nothing would load. {fix}")
+        if unexpected:
+            print(f"note: {what} from {source}: {len(unexpected)} tensors not used by the model "
+                  f"({_summarise(unexpected)})")
+        missing = [key for key in missing if not key.startswith(tuple(may_miss))] if may_miss else []
+        unexpected = []
     # Shapes are compared first because load_state_dict reports them as a long RuntimeError even when not strict.
     mismatched = _shape_mismatches(module, state)
     if missing or unexpected or mismatched:
@@ -238,11 +279,13 @@ def load_teacher(model: nn.Module, path_or_url: PathLike, *, strict: bool = True
 
 def save_training_state(path: PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                         lr_scheduler: Any, epoch: int, args: Any, scaler: Any = None, model_ema: Any = None,
-                        extra: Optional[Mapping[str, Any]] = None,
+                        extra: Optional[Mapping[str, Any]] = None, config: Optional[Mapping[str, Any]] = None,
                         feature_heads: Optional[nn.Module] = None) -> None:
     """Atomically save everything needed to resume, in a form ``torch.load(weights_only=True)`` accepts.
 
-    ``epoch`` is the epoch just finished; ``load_training_state`` returns ``epoch + 1``.
+    ``epoch`` is the epoch just finished; ``load_training_state`` returns ``epoch + 1``. ``config`` is the run's
+    experiment configuration as given (``args`` is the live namespace, rescaled in place), read back on resume by
+    ``saved_config`` so that a resume with other flags is refused instead of silently mixing two experiments.
     """
     state: Dict[str, Any] = {
         "format": TRAINING_STATE_FORMAT,
@@ -262,6 +305,8 @@ def save_training_state(path: PathLike, *, model: nn.Module, optimizer: torch.op
         state["extra"] = dict(extra)
     if feature_heads is not None:  # trainable distillation heads (ViTKD): not student weights, but training state
         state["feature_heads"] = feature_heads.state_dict()
+    if config is not None:
+        state["config"] = args_to_dict(config)
     # Refuse before writing: an object that only pickles with code would make the resume fail, not the save.
     _check_weights_only_safe(state, where="training state")
     save_atomic(state, path)
@@ -298,6 +343,12 @@ def load_training_state(path: PathLike, *, model: nn.Module, optimizer: Optional
     if restore_rng and "rng" in state:
         restore_rng_state(state["rng"])
     return int(state["epoch"]) + 1
+
+
+def saved_config(path: PathLike) -> Optional[Dict[str, Any]]:
+    """The experiment configuration a training-state checkpoint was written with (None for older checkpoints)."""
+    config = read_checkpoint(path).get("config")
+    return dict(config) if isinstance(config, Mapping) else None
 
 
 def _require_training_state(state: Mapping[str, Any], *, source: str) -> None:
