@@ -6,6 +6,7 @@ teacher only the patches the student attended to in the forward pass that produc
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -13,12 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deit_patch.capture import AttentionCapture, unwrap_model
+from deit_patch.capture import AttentionCapture, CaptureError, unwrap_model
 from deit_patch.cost import SupervisionCost, TokenMeter, student_gflops, teacher_gflops
 from deit_patch.features import build_feature_kd, heads_gflops
 from deit_patch.masking import MASK_MODES, resample_scores, resolve_num_keep, select_patches
-from deit_patch.teacher_input import InputRenorm, build_renorm, check_resolution
 from deit_patch.teachers import PrunedTeacher, find_family, pruned_forward, require_family, teacher_grid
+from deit_patch.teacher_input import InputRenorm, build_renorm, check_channels, check_resolution
 
 Outputs = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 DISTILLATION_TYPES = ("none", "soft", "hard")
@@ -70,8 +71,8 @@ class DistillationLoss(nn.Module):
             raise ValueError(f"distillation_type={distillation_type!r} needs a teacher_model (or use 'none')")
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"alpha={alpha} must lie in [0, 1]: loss = (1 - alpha) * base + alpha * kd")
-        if float(tau) <= 0:
-            raise ValueError(f"tau={tau} must be positive")
+        if not math.isfinite(float(tau)) or float(tau) <= 0:  # NaN passes a `<= 0` test and poisons every step
+            raise ValueError(f"tau={tau} must be a finite positive temperature (DeiT uses 1.0)")
         self.base_criterion = base_criterion
         self.teacher_model = teacher_model
         self.distillation_type = distillation_type
@@ -79,6 +80,7 @@ class DistillationLoss(nn.Module):
         self.kd_reduction = kd_reduction
         if distillation_type != "none":
             self._check_class_counts(student, teacher_model)
+            check_channels(teacher=teacher_model, student=student)
             teacher_model.eval()
         explicit = any(v is not None for v in (teacher_mean, teacher_std, student_mean, student_std))
         if renormalize is None:
@@ -107,6 +109,7 @@ class DistillationLoss(nn.Module):
 
     # --- the pieces a subclass changes --------------------------------------------------------------------
     def teacher_input(self, samples: torch.Tensor) -> torch.Tensor:
+        check_channels(teacher=self.teacher_model, samples=samples)  # a shape test: no device sync
         return self.renorm(samples) if self.renorm is not None else samples
 
     def teacher_logits(self, samples: torch.Tensor) -> torch.Tensor:
@@ -357,6 +360,9 @@ class MaskedDistillationLoss(DistillationLoss):
             self.last_keep_idx = None
             out = super().teacher_logits(samples)
             return out.float() if self.teacher_dtype is not None else out
+        if self.capture is None and MASK_MODES[self.mask_mode][1] is not None:
+            raise CaptureError(f"this loss's attention hook was removed by remove_hooks(), so mask_mode="
+                               f"{self.mask_mode!r} has no scores: build a new MaskedDistillationLoss to train on")
         image_hw = (int(samples.shape[-2]), int(samples.shape[-1]))
         check_resolution(self.teacher_model, image_hw)
         grid, kept = self.keep_for(image_hw)

@@ -73,6 +73,11 @@ class InputRenorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return x
+        if x.dim() != 4 or x.shape[1] != self.scale.shape[1]:
+            # Broadcasting would silently turn a 1-channel batch into a 3-channel one with per-channel offsets.
+            raise TeacherInputError(
+                f"the batch has shape {tuple(x.shape)} but the input statistics have {self.scale.shape[1]} channels: "
+                f"feed (B, {self.scale.shape[1]}, H, W) images (e.g. convert grayscale to RGB in the data pipeline)")
         return torch.addcmul(self.shift.to(x.dtype), x, self.scale.to(x.dtype))
 
     def describe(self) -> str:
@@ -91,6 +96,36 @@ def build_renorm(*, student: Optional[nn.Module], teacher: nn.Module,
     t_stats, t_src = resolve_stats(mean=teacher_mean, std=teacher_std, model=teacher, fallback=s_stats,
                                    side="teacher")
     return InputRenorm(student=s_stats, teacher=t_stats, student_source=s_src, teacher_source=t_src)
+
+
+def input_channels(model: Optional[nn.Module]) -> Optional[int]:
+    """Channels a patch-token model's input must have (its patch projection's), or None when it cannot be read.
+
+    Only the patch embedding is asked: for other models the first convolution in module order is not reliably the
+    one the input meets, and a wrong answer here would refuse valid input.
+    """
+    proj = getattr(getattr(unwrap_model(model), "patch_embed", None), "proj", None) if model is not None else None
+    channels = getattr(proj, "in_channels", None)
+    return int(channels) if isinstance(channels, int) else None
+
+
+def check_channels(*, teacher: nn.Module, samples: Optional[torch.Tensor] = None,
+                   student: Optional[nn.Module] = None) -> None:
+    """Refuse a batch (or a student) whose channel count the teacher cannot take, before its forward fails deep."""
+    expected = input_channels(teacher)
+    if expected is None:
+        return
+    name = type(unwrap_model(teacher)).__name__
+    if samples is not None and (samples.dim() != 4 or samples.shape[1] != expected):
+        raise TeacherInputError(
+            f"teacher {name} takes {expected}-channel images but the batch has shape {tuple(samples.shape)}: feed "
+            f"(B, {expected}, H, W) (e.g. convert grayscale to RGB in the data pipeline, or build the teacher with "
+            f"in_chans={samples.shape[1] if samples.dim() == 4 else '?'} and weights for it)")
+    given = input_channels(student)
+    if given is not None and given != expected:
+        raise TeacherInputError(
+            f"student takes {given}-channel images but teacher {name} takes {expected}: both must see the same "
+            f"batch; build them with the same in_chans")
 
 
 def check_resolution(teacher: nn.Module, image_hw: Tuple[int, int]) -> None:
