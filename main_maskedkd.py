@@ -10,10 +10,12 @@ distillation on the built-in procedural dataset (no files, no downloads).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -31,10 +33,12 @@ from timm.utils import ModelEmaV3, NativeScaler, ParseKwargs
 from maskedkd_app import distributed as dist_utils
 from deit_patch.capture import CaptureError
 from maskedkd_app.checkpoint import (CheckpointError, extract_state_dict, find_resume, load_state_checked,
-                                   load_training_state, read_checkpoint, save_atomic, save_training_state)
-from maskedkd_app.data import DataError, build_dataset, build_loaders, data_stats
+                                   load_training_state, read_checkpoint, save_atomic, save_training_state,
+                                   saved_config)
+from maskedkd_app.data import BAD_IMAGES_LOG, DataError, build_dataset, build_loaders, count_bad_images, data_stats
 from maskedkd_app.engine import NonFiniteLossError, evaluate, train_one_epoch
 from maskedkd_app.keep_schedule import KeepSchedule
+from maskedkd_app import preflight
 from deit_patch.masking import KEEP_SCHEDULES, MASK_MODES
 from deit_patch.teacher_input import TeacherInputError
 from deit_patch.teachers import UnsupportedTeacherError, find_family, teacher_grid
@@ -153,6 +157,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda", help="device to use for training / testing")
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--resume", default="", help="resume from checkpoint")
+    p.add_argument("--resume-anyway", action="store_true",
+                   help="resume even though experiment flags differ from the checkpoint's (they are listed)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="skip unreadable image files (each is logged and counted) instead of stopping")
     p.add_argument("--start_epoch", default=0, type=int, metavar="N")
     p.add_argument("--eval", action="store_true", help="Perform evaluation only")
     p.add_argument("--eval-crop-ratio", default=0.875, type=float)
@@ -194,8 +202,11 @@ def load_weights(model: torch.nn.Module, path: str, *, strict: bool, what: str, 
                     and state[k].shape != own[k].shape]:
             print(f"Removing key {key} from pretrained checkpoint")
             del state[key]
+    # A fine-tune may re-initialise the head (and a distillation token the checkpoint lacks), nothing else: any
+    # other missing tensor means the checkpoint is another architecture and would leave it silently random.
     load_state_checked(model, state, strict=strict, source=path, what=what,
-               fix="Does the model name match the checkpoint's architecture, and the class count the dataset's?")
+               fix="Does the model name match the checkpoint's architecture, and the class count the dataset's?",
+               may_miss=("head.", "head_dist.", "dist_token") if drop_mismatched_head else ())
 
 
 def create_teacher(args, nb_classes: int) -> torch.nn.Module:
@@ -204,14 +215,11 @@ def create_teacher(args, nb_classes: int) -> torch.nn.Module:
     DeiT forces global_pool='avg' on its (RegNetY) teacher; that would silently change a token-pooled ViT, so it
     is kept only for models without patch tokens.
     """
-    kwargs = dict(pretrained=False, num_classes=nb_classes, **args.teacher_kwargs)
-    try:
-        teacher = timm.create_model(args.teacher_model, img_size=args.input_size, **kwargs)
-    except TypeError:  # CNNs take no img_size
-        teacher = None
-    if teacher is None or find_family(teacher) is None and not hasattr(teacher, "patch_embed"):
-        kwargs.setdefault("global_pool", "avg")
-        teacher = timm.create_model(args.teacher_model, **kwargs)
+    common = dict(flag="--teacher-model", kwargs_flag="--teacher-kwargs", extra=args.teacher_kwargs,
+                  pretrained=False, num_classes=nb_classes)
+    teacher = preflight.create_model_checked(args.teacher_model, img_size=args.input_size, **common)
+    if find_family(teacher) is None and not hasattr(teacher, "patch_embed"):
+        teacher = preflight.create_model_checked(args.teacher_model, global_pool="avg", **common)
     if args.teacher_path:
         load_weights(teacher, args.teacher_path, strict=True, what="teacher checkpoint")
     return teacher
@@ -241,6 +249,23 @@ def build_criterion(args, *, model, teacher, mixup_active: bool):
         vitkd_layers=tuple(args.vitkd_layers))
 
 
+def _checked_criterion(args, **kwargs):
+    """build_criterion, with the refusals that concern command-line flags worded in those flags."""
+    try:
+        criterion = build_criterion(args, **kwargs)
+    except CaptureError:
+        kind = type(getattr(kwargs["model"], "module", kwargs["model"])).__name__
+        raise preflight.RunError(
+            f"--model {args.model} ({kind}) has no class-token self-attention for --mask-mode {args.mask_mode} to "
+            "read: use a ViT/DeiT --model, or --mask-mode random, or --keep-ratio 1.0") from None
+    if not args.train_mode and getattr(criterion, "masking", False) and getattr(criterion, "capture", None) \
+            is not None and not criterion.capture.always:
+        raise preflight.RunError(
+            f"--no-train-mode runs the student in eval mode, where its attention is not read, but --mask-mode "
+            f"{args.mask_mode} masks by it: drop --no-train-mode, or pass --mask-mode random or --keep-ratio 1.0")
+    return criterion
+
+
 def check_args(args) -> None:
     for flag in ("ThreeAugment", "src", "cosub", "attn_only"):
         if getattr(args, flag):
@@ -251,6 +276,10 @@ def check_args(args) -> None:
                          "({'model': ...}), a plain state dict, a .safetensors file or an https URL")
     if args.amp_dtype == "fp16" and not str(args.device).startswith("cuda"):
         raise ValueError("--amp-dtype fp16 needs a GPU (its grad scaler is CUDA-only): use bf16 or none on CPU")
+    preflight.check_schedule(args)
+    preflight.check_model_name(args.model, flag="--model")
+    if args.distillation_type != "none":
+        preflight.check_model_name(args.teacher_model, flag="--teacher-model")
 
 
 def _resolve_device(args) -> torch.device:
@@ -273,16 +302,68 @@ def _seed_everything(args) -> None:
 # ------------------------------------------------------------------------------------------------------- main
 def main(args) -> dict:
     """Train (or evaluate) as DeiT's main.py does; returns the last epoch's log record."""
+    with contextlib.ExitStack() as run_scope:  # holds the --output_dir lock until the run ends, however it ends
+        return _main(args, run_scope)
+
+
+def _claim_output_dir(args, run_scope: contextlib.ExitStack) -> None:
+    """Rank 0 proves --output_dir writable and locks it before anything is built; every rank learns the answer."""
+    error = None
+    if args.output_dir and dist_utils.is_main_process():
+        try:
+            run_scope.enter_context(preflight.OutputDirLock(preflight.check_output_dir(args.output_dir)))
+        except preflight.RunError as refusal:
+            error = refusal
+    preflight.agree_across_ranks(error)
+
+
+def _check_resume_config(args, config: dict) -> None:
+    """A resume continues the same experiment: other experiment flags are refused unless --resume-anyway says so."""
+    resume = find_resume(args.output_dir, args.resume)
+    if not resume or args.eval:
+        return
+    saved = saved_config(resume)
+    if saved is None:
+        print(f"note: {resume} predates stored run configurations: its flags cannot be compared with this run's")
+        return
+    if saved.get("epochs") != config.get("epochs"):
+        print(f"note: --epochs {config.get('epochs')} (the checkpoint's run had {saved.get('epochs')})")
+    changes = preflight.config_differences(saved, config)
+    if not changes:
+        return
+    if not args.resume_anyway:
+        raise preflight.RunError(
+            f"{resume} was written with other experiment flags ({'; '.join(changes)}): resuming would mix two "
+            "experiments in one run and log; pass a new --output_dir, or --resume-anyway to continue with the new flags")
+    print(f"note: --resume-anyway: continuing {resume} with changed flags: {'; '.join(changes)}")
+
+
+def create_student(args) -> torch.nn.Module:
+    model = preflight.create_model_checked(
+        args.model, flag="--model", kwargs_flag="--model-kwargs", extra=args.model_kwargs, img_size=args.input_size,
+        pretrained=False, num_classes=args.nb_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
+    preflight.check_data_channels(model, flag=f"--model {args.model}", kwargs_flag="--model-kwargs")
+    return model
+
+
+def _main(args, run_scope: contextlib.ExitStack) -> dict:
+    config = preflight.experiment_config(args)  # as given: args.lr is rescaled in place below
     check_args(args)
     dist_utils.init_distributed_mode(args)
     device = _resolve_device(args)
     _seed_everything(args)
     cudnn.benchmark = True
     print(args)
+    _claim_output_dir(args, run_scope)
+    _check_resume_config(args, config)
 
     dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
     dataset_val, _ = build_dataset(is_train=False, args=args)
     loader_train, loader_val, sampler_train = build_loaders(args, dataset_train, dataset_val)
+    if not args.eval:
+        preflight.check_batches(batch_size=args.batch_size, train_images=len(dataset_train),
+                                per_process=len(sampler_train), steps=len(loader_train),
+                                world_size=dist_utils.get_world_size())
 
     mixup_fn = None
     mixup_active = args.mixup > 0 or args.cutmix > 0.0 or args.cutmix_minmax is not None
@@ -292,8 +373,7 @@ def main(args) -> dict:
                          label_smoothing=args.smoothing, num_classes=args.nb_classes)
 
     print(f"Creating model: {args.model}")
-    model = timm.create_model(args.model, pretrained=False, num_classes=args.nb_classes, drop_rate=args.drop,
-                              drop_path_rate=args.drop_path, img_size=args.input_size, **args.model_kwargs)
+    model = create_student(args)
     if hasattr(model, "set_distilled_training") and args.distillation_type != "none":
         model.set_distilled_training(True)  # timm's DeiT-distilled: (cls, dist) outputs while training
     if args.finetune:
@@ -322,7 +402,7 @@ def main(args) -> dict:
     if args.distillation_type != "none":
         print(f"Creating teacher model: {args.teacher_model}")
         teacher = create_teacher(args, args.nb_classes).to(device).eval()
-    criterion = build_criterion(args, model=model, teacher=teacher, mixup_active=mixup_active)
+    criterion = _checked_criterion(args, model=model, teacher=teacher, mixup_active=mixup_active)
     print(criterion.describe())
     feature_heads = getattr(criterion, "feature_heads", None)
     if feature_heads is not None:
@@ -388,6 +468,9 @@ def main(args) -> dict:
             set_training_mode=args.train_mode, bce_loss=args.bce_loss, print_freq=args.print_freq,
             mask_recorder=recorder, max_steps=args.max_steps_per_epoch)
         lr_scheduler.step(epoch + 1)
+        if args.skip_bad_images and count_bad_images(args.output_dir):
+            print(f"skipped {count_bad_images(args.output_dir)} unreadable image(s) so far (--skip-bad-images), "
+                  f"listed in {os.path.join(args.output_dir, BAD_IMAGES_LOG)}")
         if recorder is not None:
             recorder.end_epoch(epoch, is_last=epoch == args.epochs - 1)
         test_stats = evaluate(loader_val, model, device, amp_dtype=args.amp_dtype, reduce=args.dist_eval)
@@ -408,7 +491,7 @@ def main(args) -> dict:
             extra = {"max_accuracy": max_accuracy}
             save_training_state(output_dir / "checkpoint.pth", model=model_without_ddp, optimizer=optimizer,
                                 lr_scheduler=lr_scheduler, epoch=epoch, args=args, scaler=loss_scaler,
-                                model_ema=model_ema, extra=extra, feature_heads=feature_heads)
+                                model_ema=model_ema, extra=extra, feature_heads=feature_heads, config=config)
             if test_stats["acc1"] >= max_accuracy:
                 save_atomic({"model": model_without_ddp.state_dict(), "epoch": epoch},
                             output_dir / "best_checkpoint.pth")
@@ -443,6 +526,15 @@ def run_demo(args, cfg=None) -> dict:
     return demo(args, main, parser.parse_args, cfg=cfg)
 
 
+def _one_line(error: BaseException) -> str:
+    # A DataLoader worker's exception comes back re-raised with the worker's whole traceback as its message;
+    # the last line of it is the message that was raised.
+    text = str(error)
+    if "Original Traceback" in text:
+        text = re.sub(r"^[\w.]+: ", "", text.strip().splitlines()[-1])
+    return text
+
+
 def cli(argv=None) -> int:
     parser = argparse.ArgumentParser("MaskedKD training and evaluation script", parents=[get_args_parser()])
     args = parser.parse_args(argv)
@@ -457,7 +549,7 @@ def cli(argv=None) -> int:
     except USER_ERRORS as error:
         if os.environ.get("MASKEDKD_TRACEBACK"):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     finally:
         dist_utils.cleanup()
