@@ -43,8 +43,8 @@ def find_last_attention(model: nn.Module) -> nn.Module:
             f"student {type(unwrap_model(model)).__name__} has no recognisable attention block (a module with a "
             "fused `qkv` nn.Linear and `num_heads`, as in timm's VisionTransformer/DeiT): use mask_mode='random' "
             "or 'none', or a ViT-family student")
-    if type(found).__name__ == "TalkingHeadAttn":
-        # CaiT mixes heads before the softmax and keeps the class token out of its self-attention blocks.
+    if type(found).__name__ == "TalkingHeadAttn" or hasattr(unwrap_model(model), "blocks_token_only"):
+        # CaiT (timm's or DeiT's cait_models.py) keeps the class token out of its self-attention blocks.
         raise CaptureError(f"student {type(unwrap_model(model)).__name__} has no class-token self-attention to read "
                            "(CaiT-style): use a ViT/DeiT student, or mask_mode='random'")
     return found

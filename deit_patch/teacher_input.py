@@ -23,10 +23,12 @@ class TeacherInputError(ValueError):
 
 
 def model_stats(model: Optional[nn.Module]) -> Optional[Stats]:
-    """(mean, std) from a timm model's ``pretrained_cfg``, or None when the model does not say."""
+    """(mean, std) from a timm model's ``pretrained_cfg`` (``default_cfg`` on old timm), or None when it does not say."""
     if model is None:
         return None
-    cfg = getattr(unwrap_model(model), "pretrained_cfg", None) or {}
+    model = unwrap_model(model)
+    # timm >= 0.6 keeps them in pretrained_cfg; timm < 0.6 and DeiT's own models in default_cfg.
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     mean, std = cfg.get("mean"), cfg.get("std")
     if mean is None or std is None:
         return None

@@ -92,6 +92,47 @@ def pruned_forward(teacher: nn.Module, images: torch.Tensor, keep_idx: Optional[
     return family.finish(model, tokens)
 
 
+@torch.no_grad()
+def verify_family(teacher: nn.Module, family: TeacherFamily, *, batch: int = 2) -> None:
+    """Check that ``family`` describes this teacher: with every patch kept, its embed/finish must give ``model(x)``.
+
+    Families are matched by type and attributes; a look-alike that differs where the match cannot see (its own
+    pooling, another prefix token, a timm version whose forward changed) would otherwise give a silently wrong
+    teacher signal. One probe batch at the size the teacher was built for, in eval mode; the RNG is left untouched.
+    """
+    model = unwrap_model(teacher)
+    img = getattr(model.patch_embed, "img_size", None)
+    if img is None:
+        return  # no stated input size to probe with
+    img = (img, img) if isinstance(img, int) else (int(img[0]), int(img[1]))
+    param = next(model.parameters())
+    in_chans = getattr(getattr(model.patch_embed, "proj", None), "in_channels", 3)
+    probe = torch.randn(batch, in_chans, *img, generator=torch.Generator().manual_seed(0))
+    probe = probe.to(device=param.device, dtype=param.dtype)
+    keep_all = torch.arange(num_teacher_patches(model), device=param.device).expand(batch, -1)
+    was_training = model.training
+    model.eval()
+    try:
+        want = model(probe)
+        got = pruned_forward(model, probe, keep_all, family)
+    finally:
+        model.train(was_training)
+    if isinstance(want, torch.Tensor) and want.shape == got.shape:
+        tol = 1e-3 if param.dtype == torch.float32 or param.dtype == torch.float64 else 5e-2
+        scale = max(1.0, float(want.float().abs().max()))
+        diff = float((got.float() - want.float()).abs().max())
+        if diff <= tol * scale:
+            return
+        detail = f"they differ by up to {diff:.3g}"
+    else:
+        detail = (f"the model returns {type(want).__name__} {tuple(getattr(want, 'shape', ()))}, the pruned forward "
+                  f"{tuple(got.shape)}")
+    raise UnsupportedTeacherError(
+        f"teacher {type(model).__name__} matched the '{family.name}' family, but its pruned forward with every patch "
+        f"kept does not reproduce its own eval-mode output ({detail}): register a TeacherFamily that describes it, "
+        "or distil from it unmasked with keep_ratio=1.0")
+
+
 class PrunedTeacher(nn.Module):
     """``pruned_forward`` as a module: a thing fvcore can trace and torch.compile can compile."""
 
@@ -104,68 +145,175 @@ class PrunedTeacher(nn.Module):
         return pruned_forward(self.teacher, images, keep_idx, self.family)
 
 
-# --- timm VisionTransformer: vit_*, deit_*, deit_*_distilled, deit3_* --------------------------------------
+# --- token building shared by the ViT-style families ------------------------------------------------------
+def count_prefix_tokens(model: nn.Module) -> int:
+    """Tokens in front of the patches of a ViT-style model (class, distillation, register tokens).
+
+    timm >= 0.6 states it as ``num_prefix_tokens``; timm < 0.6 as ``num_tokens`` (2 for a distilled DeiT); a model
+    that states neither (DeiT's models_v2.py) is counted from the class/distillation tokens it holds.
+    """
+    for attr in ("num_prefix_tokens", "num_tokens"):
+        value = getattr(model, attr, None)
+        if isinstance(value, int):
+            return value
+    return sum(getattr(model, name, None) is not None for name in ("cls_token", "dist_token"))
+
+
+def _prefix_tokens_by_hand(model: nn.Module, patches: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """cls (+ dist) tokens + patches + position embedding + pos_drop, the way timm < 0.6 and DeiT's repo write it.
+
+    A position embedding as long as the patches alone (DeiT-III) is added before the prefix tokens are put in front.
+    """
+    batch, num = patches.shape[0], patches.shape[1]
+    prefix = [token.expand(batch, -1, -1) for token in (getattr(model, "cls_token", None),
+                                                        getattr(model, "dist_token", None)) if token is not None]
+    pos_len = model.pos_embed.shape[1]
+    if pos_len == num:
+        tokens = torch.cat(prefix + [patches + model.pos_embed], dim=1)
+    elif pos_len == num + len(prefix):
+        tokens = torch.cat(prefix + [patches], dim=1) + model.pos_embed
+    else:
+        raise UnsupportedTeacherError(
+            f"teacher {type(model).__name__} has a position embedding of {pos_len} entries for {num} patches and "
+            f"{len(prefix)} class/distillation tokens: build it at the input size you feed it (img_size=)")
+    return getattr(model, "pos_drop", nn.Identity())(tokens), len(prefix)
+
+
+def _pos_embed_knows_prefix(model: nn.Module) -> bool:
+    # timm >= 0.6 builds the prefix tokens in `_pos_embed`, but before 0.9 VisionTransformerDistilled (and any subclass
+    # that adds a dist_token, like DeiT's models.py) leaves it inherited and puts the distillation token in itself.
+    if not hasattr(model, "_pos_embed"):
+        return False
+    if getattr(model, "dist_token", None) is None:
+        return True
+    from timm.models.vision_transformer import VisionTransformer
+    return type(model)._pos_embed is not VisionTransformer._pos_embed
+
+
+def _check_token_count(model: nn.Module, tokens: torch.Tensor, patches: torch.Tensor, prefix: int) -> None:
+    # Verify the prefix count against what the model produced: a wrong count would gather the wrong tokens silently.
+    num_patches = 1
+    for size in patches.shape[1:-1]:  # (B, N, C), or (B, H, W, C) from a timm >= 0.9 dynamic-size patch embedding
+        num_patches *= int(size)
+    if tokens.shape[1] != prefix + num_patches:
+        raise UnsupportedTeacherError(
+            f"teacher {type(model).__name__} produced {tokens.shape[1]} tokens for {num_patches} patches, but "
+            f"{prefix} prefix tokens were expected: register a TeacherFamily that describes this model")
+
+
+def _head_as_forward_did(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    # Models without forward_head (timm < 0.6, DeiT's own models): pre_logits on the class token, or, for a
+    # distilled model, the mean of the class and distillation heads (their eval-mode output).
+    if getattr(model, "dist_token", None) is not None and getattr(model, "head_dist", None) is not None:
+        return (model.head(tokens[:, 0]) + model.head_dist(tokens[:, 1])) / 2
+    return model.head(getattr(model, "pre_logits", nn.Identity())(tokens[:, 0]))
+
+
+def _run_blocks(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    # Iterate rather than call: some versions hold the blocks in a ModuleList (not callable).
+    for block in model.blocks:
+        tokens = block(tokens)
+    return tokens
+
+
+# --- timm VisionTransformer: vit_*, deit_*, deit_*_distilled, deit3_* (timm 0.4.12 .. 1.0.x) ----------------
 def _is_timm_vit(model: nn.Module) -> bool:
     from timm.models.vision_transformer import VisionTransformer
     return isinstance(model, VisionTransformer)
 
 
 def _vit_embed(model: nn.Module, images: torch.Tensor) -> Tuple[torch.Tensor, int]:
-    # timm's own _pos_embed: class/register/distillation tokens, no_embed_class (DeiT-III), dynamic sizes.
-    return model._pos_embed(model.patch_embed(images)), int(model.num_prefix_tokens)
+    patches = model.patch_embed(images)
+    if _pos_embed_knows_prefix(model):
+        # timm's own _pos_embed: class/register/distillation tokens, no_embed_class (DeiT-III), dynamic sizes.
+        tokens, prefix = model._pos_embed(patches), count_prefix_tokens(model)
+    else:
+        tokens, prefix = _prefix_tokens_by_hand(model, patches)
+    _check_token_count(model, tokens, patches, prefix)
+    return tokens, prefix
 
 
 def _vit_finish(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    tokens = model.norm_pre(tokens)
-    tokens = model.blocks(tokens)
-    return model.forward_head(model.norm(tokens))
+    tokens = getattr(model, "norm_pre", nn.Identity())(tokens)
+    tokens = model.norm(model.blocks(tokens))
+    if hasattr(model, "forward_head"):
+        return model.forward_head(tokens)
+    return _head_as_forward_did(model, tokens)
 
 
-register_family(TeacherFamily("vit", _is_timm_vit, _vit_embed, _vit_finish))
+register_family(TeacherFamily("vit", _is_timm_vit, _vit_embed, _vit_finish, num_prefix=count_prefix_tokens))
 
 
 # --- DeiT repo's models.py: DistilledVisionTransformer subclasses timm's ViT and writes its own forward ------
+def _timm_distilled_class() -> Optional[type]:
+    try:  # timm.models.deit exists from timm 0.6; before, timm's distilled DeiT is VisionTransformer(distilled=True)
+        from timm.models.deit import VisionTransformerDistilled
+    except ImportError:
+        return None
+    return VisionTransformerDistilled
+
+
 def _is_deit_repo_distilled(model: nn.Module) -> bool:
     from timm.models.vision_transformer import VisionTransformer
-    from timm.models.deit import VisionTransformerDistilled
-    return (isinstance(model, VisionTransformer) and not isinstance(model, VisionTransformerDistilled)
-            and hasattr(model, "dist_token") and hasattr(model, "head_dist")
+    timm_distilled = _timm_distilled_class()
+    return (isinstance(model, VisionTransformer)
+            and not (timm_distilled is not None and isinstance(model, timm_distilled))
+            and getattr(model, "dist_token", None) is not None and getattr(model, "head_dist", None) is not None
             and type(model).forward_features is not VisionTransformer.forward_features)
 
 
 def _deit_repo_embed(model: nn.Module, images: torch.Tensor) -> Tuple[torch.Tensor, int]:
     patches = model.patch_embed(images)
-    batch = patches.shape[0]
-    tokens = torch.cat([model.cls_token.expand(batch, -1, -1), model.dist_token.expand(batch, -1, -1), patches], 1)
-    return model.pos_drop(tokens + model.pos_embed), 2
+    tokens, prefix = _prefix_tokens_by_hand(model, patches)
+    _check_token_count(model, tokens, patches, prefix)
+    return tokens, prefix
 
 
 def _deit_repo_finish(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    tokens = model.norm(model.blocks(tokens))
-    # The repo's eval-mode output: the mean of the class-token and distillation-token heads.
-    return (model.head(tokens[:, 0]) + model.head_dist(tokens[:, 1])) / 2
+    # The repo's forward: blocks, norm, then the mean of the class and distillation heads in eval.
+    return _head_as_forward_did(model, model.norm(_run_blocks(model, tokens)))
 
 
 register_family(TeacherFamily("deit_repo_distilled", _is_deit_repo_distilled, _deit_repo_embed, _deit_repo_finish,
                               num_prefix=lambda model: 2))
 
 
-# --- timm Cait: patches run alone through the self-attention blocks; the class token joins afterwards --------
+# --- ViTs written outside timm (DeiT's models_v2.py, DeiT-III): own blocks, class token, optional dist token --
+_VIT_PARTS = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm", "head")
+
+
+def _is_own_vit(model: nn.Module) -> bool:
+    # Only models defined outside timm: timm's other token models (BEiT, EVA, ...) need position biases this
+    # family does not know, and they are refused rather than guessed at.
+    from timm.models.vision_transformer import VisionTransformer
+    return (not isinstance(model, VisionTransformer) and not type(model).__module__.startswith("timm.")
+            and all(hasattr(model, p) for p in _VIT_PARTS)
+            and getattr(model, "cls_token", None) is not None and not hasattr(model, "blocks_token_only"))
+
+
+register_family(TeacherFamily("own_vit", _is_own_vit, _deit_repo_embed, _deit_repo_finish,
+                              num_prefix=lambda model: sum(getattr(model, t, None) is not None
+                                                           for t in ("cls_token", "dist_token"))))
+
+
+# --- CaiT (timm's Cait, DeiT's cait_models.py): patches run alone through the self-attention blocks ----------
 def _is_cait(model: nn.Module) -> bool:
-    from timm.models.cait import Cait
-    return isinstance(model, Cait)
+    return all(hasattr(model, p) for p in _VIT_PARTS + ("blocks_token_only",))
 
 
 def _cait_embed(model: nn.Module, images: torch.Tensor) -> Tuple[torch.Tensor, int]:
-    return model.pos_drop(model.patch_embed(images) + model.pos_embed), 0
+    patches = model.patch_embed(images)
+    return getattr(model, "pos_drop", nn.Identity())(patches + model.pos_embed), 0
 
 
 def _cait_finish(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    tokens = model.blocks(tokens)
+    tokens = _run_blocks(model, tokens)
     cls = model.cls_token.expand(tokens.shape[0], -1, -1)
     for block in model.blocks_token_only or ():
         cls = block(tokens, cls)
-    return model.forward_head(model.norm(torch.cat([cls, tokens], dim=1)))
+    tokens = model.norm(torch.cat([cls, tokens], dim=1))
+    # timm >= 0.6 pools in forward_head (global_pool); before, and in DeiT's cait_models.py, head(class token).
+    return model.forward_head(tokens) if hasattr(model, "forward_head") else model.head(tokens[:, 0])
 
 
 # The class token only enters the last class-attention blocks, so the self-attention blocks see patches alone.

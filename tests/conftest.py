@@ -18,7 +18,42 @@ def tiny(name: str = "deit_tiny_patch16_224", *, img_size: int = 32, patch_size:
     """A freshly initialised small timm model; the seed makes two calls build the same weights."""
     torch.manual_seed(seed)
     kwargs.setdefault("num_classes", NUM_CLASSES)
-    return timm.create_model(name, pretrained=False, img_size=img_size, patch_size=patch_size, depth=depth, **kwargs)
+    arch = dict(patch_size=patch_size, depth=depth)
+    try:
+        return timm.create_model(name, pretrained=False, img_size=img_size, **arch, **kwargs)
+    except TypeError as err:
+        if "multiple values" not in str(err):
+            raise
+    torch.manual_seed(seed)
+    return _create_overriding_entrypoint(name, arch, img_size=img_size, **kwargs)
+
+
+def _create_overriding_entrypoint(name: str, arch: dict, **kwargs) -> torch.nn.Module:
+    """timm < 0.9 entrypoints fix patch_size/depth and refuse them as kwargs (``dict(patch_size=16, **kwargs)``).
+
+    They hand their merged kwargs to a module-level ``_create_*`` builder; wrap those builders for one call so the
+    test's architecture overrides win, the way timm >= 0.9 entrypoints let them.
+    """
+    entrypoint = timm.models.model_entrypoint(name)
+    module = sys.modules[entrypoint.__module__]
+    builders = {key: fn for key, fn in vars(module).items() if key.startswith("_create_") and callable(fn)}
+    assert builders, f"{module.__name__} has no _create_* builder to pass {arch} through"
+
+    def overriding(fn):
+        def build(*args, **kw):
+            kw.update(arch)
+            return fn(*args, **kw)
+        return build
+
+    try:
+        for key, fn in builders.items():
+            setattr(module, key, overriding(fn))
+        model = entrypoint(pretrained=False, **kwargs)
+    finally:
+        for key, fn in builders.items():
+            setattr(module, key, fn)
+    assert len(model.blocks) == arch["depth"], "the depth override did not reach the model"
+    return model
 
 
 @pytest.fixture
