@@ -38,23 +38,11 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .capture import _in_backward, patch_grid, unwrap_model
+from .capture import _in_backward, expected_prefix_tokens, patch_grid, unwrap_model
 
 
 class FeatureKDError(ValueError):
     """The models cannot provide the features feature distillation needs, or the features do not fit."""
-
-
-def _declared_prefix(model: nn.Module) -> Tuple[int, ...]:
-    """Prefix-token counts the model may put before its patches; empty when it declares none."""
-    # timm >= 0.6 says num_prefix_tokens; timm 0.4/0.5 said num_tokens (1, or 2 for distilled DeiT).
-    for name in ("num_prefix_tokens", "num_tokens"):
-        value = getattr(model, name, None)
-        if isinstance(value, int):
-            # DeiT's own models.py adds a distillation token without updating the inherited count.
-            extra = (value + 1,) if isinstance(getattr(model, "dist_token", None), nn.Parameter) else ()
-            return (value,) + extra
-    return ()
 
 
 def _width(model: nn.Module, what: str) -> int:
@@ -123,7 +111,9 @@ class StudentFeatures:
             raise FeatureKDError(f"student {type(self.model).__name__} has no patch_embed.grid_size: ViTKD needs the "
                                  "patch grid to drop prefix tokens and lay tokens out as an image")
         self.num_patches = self.grid[0] * self.grid[1]
-        self.allowed_prefix = _declared_prefix(self.model) or (0, 1, 2)
+        # What the model's attributes say (class/distillation/register tokens, any timm); take() checks it against
+        # the tokens really produced: tokens - grid patches must equal it.
+        self.allowed_prefix = (expected_prefix_tokens(self.model),)
         shallow, norm = _feature_modules(self.model, self.layers, "student")
         self.enabled = True
         self._features: Dict[int, torch.Tensor] = {}
@@ -166,8 +156,7 @@ class TeacherFeatures:
         self.modules = list(shallow) + [norm]
         # Tokens entering the blocks are exactly what the family's embed produced (block_prefix in front); the
         # final norm may see another prefix (CaiT adds its class token after the self-attention blocks).
-        known = set(_declared_prefix(self.model)) | ({block_prefix} if block_prefix is not None else set())
-        known = known or {0, 1, 2}
+        known = {expected_prefix_tokens(self.model)} | ({block_prefix} if block_prefix is not None else set())
         self.block_prefix = (block_prefix,) if block_prefix is not None else tuple(sorted(known))
         self.norm_prefix = tuple(sorted(known))
         self._features: Dict[int, torch.Tensor] = {}

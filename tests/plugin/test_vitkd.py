@@ -31,8 +31,13 @@ def student_model(distilled=False, width=64, seed=0):
     return model.train()
 
 
-def teacher_model(width=96, seed=1):
-    return tiny("vit_small_patch16_224", embed_dim=width, num_heads=2, seed=seed).eval()
+TEACHERS = {"vit": ("vit_small_patch16_224", {}), "deit3": ("deit3_small_patch16_224", {}),
+            "cait": ("cait_xxs24_224", {"depth_token_only": 1})}
+
+
+def teacher_model(width=96, seed=1, family="vit"):
+    name, kwargs = TEACHERS[family]
+    return tiny(name, embed_dim=width, num_heads=2, seed=seed, **kwargs).eval()
 
 
 def make_loss(student, teacher, *, keep=1.0, mode="attention", alpha=0.5, **kw):
@@ -44,6 +49,18 @@ def make_loss(student, teacher, *, keep=1.0, mode="attention", alpha=0.5, **kw):
 
 def hand_features(model, x, prefix, keep_idx=None):
     """Block outputs and final-norm output, patch tokens only, run by hand (optionally on kept patches only)."""
+    if hasattr(model, "blocks_token_only"):  # CaiT: patches alone through the blocks, the class token joins later
+        tokens = model.patch_embed(x) + model.pos_embed
+        if keep_idx is not None:
+            tokens = torch.gather(tokens, 1, keep_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        outs = []
+        for block in model.blocks:
+            tokens = block(tokens)
+            outs.append(tokens)
+        cls = model.cls_token.expand(tokens.shape[0], -1, -1)
+        for block in model.blocks_token_only:
+            cls = block(tokens, cls)
+        return outs, model.norm(torch.cat([cls, tokens], dim=1))[:, 1:]
     tokens = model._pos_embed(model.patch_embed(x))
     if keep_idx is not None:
         idx = keep_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
@@ -124,10 +141,11 @@ def test_unmasked_equals_vitkd_formulas(distilled, s_width, batch):
     crit.remove_hooks()
 
 
-@pytest.mark.parametrize("distilled", [False, True], ids=["plain", "distilled"])
-def test_masked_teacher_uses_kept_positions_only(distilled, batch):
+@pytest.mark.parametrize("distilled,family", [(False, "vit"), (True, "vit"), (False, "deit3"), (False, "cait")],
+                         ids=["plain", "distilled", "deit3-teacher", "cait-teacher"])
+def test_masked_teacher_uses_kept_positions_only(distilled, family, batch):
     x, y = batch
-    student, teacher = student_model(distilled, 64), teacher_model(96)
+    student, teacher = student_model(distilled, 64), teacher_model(96, family=family)
     crit = make_loss(student, teacher, keep=0.5, mode="attention")
     with torch.no_grad():
         crit.feature_heads.mask_token.normal_()
@@ -338,4 +356,16 @@ def test_ddp_two_processes_equal_one(batch, monkeypatch):
             value, grad = two[name]
             assert torch.equal(value, p.detach()), name
             assert torch.allclose(grad, p.grad, rtol=1e-4, atol=1e-7), name
+    crit.remove_hooks()
+
+
+def test_token_count_is_checked_against_the_patch_grid():
+    # Dynamic-size models fed 48 px make 6x6 = 36 patches, not the 4x4 grid ViTKD pairs positions on: refuse clearly
+    # rather than slicing 16 arbitrary tokens.
+    student = tiny("deit_tiny_patch16_224", embed_dim=64, num_heads=2, dynamic_img_size=True).train()
+    teacher = tiny("vit_small_patch16_224", embed_dim=96, num_heads=2, seed=1, dynamic_img_size=True).eval()
+    crit = make_loss(student, teacher, keep=1.0)
+    x = torch.randn(2, 3, 48, 48)
+    with pytest.raises(FeatureKDError, match="patch grid does not match the input"):
+        crit(x, student(x), torch.zeros(2, dtype=torch.long))
     crit.remove_hooks()
