@@ -18,7 +18,8 @@ from deit_patch.capture import AttentionCapture, CaptureError, unwrap_model
 from deit_patch.cost import SupervisionCost, TokenMeter, student_gflops, teacher_gflops
 from deit_patch.features import build_feature_kd, heads_gflops
 from deit_patch.masking import MASK_MODES, resample_scores, resolve_num_keep, select_patches
-from deit_patch.teachers import PrunedTeacher, find_family, pruned_forward, require_family, teacher_grid
+from deit_patch.teachers import (PrunedTeacher, count_prefix_tokens, find_family, pruned_forward, require_family,
+                                 teacher_grid, verify_family)
 from deit_patch.teacher_input import InputRenorm, build_renorm, check_channels, check_resolution
 
 Outputs = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
@@ -123,7 +124,8 @@ class DistillationLoss(nn.Module):
         if hasattr(model, "patch_embed"):
             patches = teacher_grid(model, tuple(samples.shape[-2:]))
             num = patches[0] * patches[1]
-            prefix = int(getattr(model, "num_prefix_tokens", 1))
+            family = find_family(model)  # timm < 0.6 distilled ViTs carry 2 prefix tokens and no num_prefix_tokens
+            prefix = family.num_prefix(model) if family is not None else count_prefix_tokens(model)
             self.meter.update(batch=samples.shape[0], prefix=prefix, kept=num, patches=num)
         else:
             self.meter.update(batch=samples.shape[0], prefix=0, kept=0, patches=0)
@@ -252,6 +254,7 @@ class MaskedDistillationLoss(DistillationLoss):
         if mask_mode == "none" or self.num_keep is None or self.num_keep == self.num_patches:
             self.family = None  # unmasked: the teacher runs exactly as in DeiT
             return
+        verify_family(teacher_model, self.family)  # before any hook: one probe pass, refuses a mis-described teacher
         source = MASK_MODES[mask_mode][1]
         if source == "student":
             if student is None:
