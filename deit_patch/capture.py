@@ -7,8 +7,10 @@ The hook never returns a value, so the student's outputs and gradients are untou
 """
 from __future__ import annotations
 
+import sys
+import warnings
 import weakref
-from typing import Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -20,6 +22,12 @@ class CaptureError(RuntimeError):
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip DDP (``.module``) and torch.compile (``._orig_mod``) wrappers, in any nesting."""
+    return wrapper_chain(model)[-1]
+
+
+def wrapper_chain(model: nn.Module) -> List[nn.Module]:
+    """``model``, then each module it wraps (DDP ``.module``, torch.compile ``._orig_mod``), down to the bare model."""
+    chain = [model]
     while True:
         if isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
@@ -29,7 +37,48 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         ):
             model = model.module
         else:
-            return model
+            return chain
+        chain.append(model)
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is, or wraps, a ``torch.compile`` module."""
+    return any(isinstance(getattr(layer, "_orig_mod", None), nn.Module) for layer in wrapper_chain(model))
+
+
+def prepare_compiled(model: nn.Module) -> None:
+    """Make a compiled ``model`` see a hook attached now; refuse where this torch cannot.
+
+    torch.compile does not guard on module hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``): graphs traced
+    before the hook existed keep running without it. When the model's forward already holds compiled graphs, they
+    are dropped so the next call traces again, hook included (a one-off recompile, also of other models compiled
+    from the same code).
+    """
+    if _IS_COMPILING is None:
+        raise CaptureError(
+            f"this torch ({torch.__version__}) has no torch.compiler.is_compiling / torch._dynamo.is_compiling, which "
+            "the attention hook needs to run inside a compiled student: pass the uncompiled student (compile it "
+            "after training, or not at all), or upgrade torch")
+    # From now on every graph guards on the hooks it was traced with, so a graph traced for a hook-less model of the
+    # same class (another instance, an earlier run) is never reused for the hooked student.
+    dynamo_config = getattr(sys.modules.get("torch._dynamo"), "config", None)
+    if getattr(dynamo_config, "skip_nnmodule_hook_guards", False):
+        dynamo_config.skip_nnmodule_hook_guards = False
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    cache_entries = getattr(eval_frame, "_debug_get_cache_entry_list", None)
+    if cache_entries is None:
+        return  # dynamo never ran (nothing is stale), or this torch cannot tell: take() explains a missing capture
+    codes = [getattr(type(layer).forward, "__code__", None) for layer in wrapper_chain(model)]
+    if not any(code is not None and len(cache_entries(code)) for code in codes):
+        return
+    dynamo = sys.modules["torch._dynamo"]
+    reset = getattr(dynamo, "reset_code_caches", None) or dynamo.reset
+    warnings.warn(
+        f"the compiled {type(unwrap_model(model)).__name__} already ran before its attention hook was attached; "
+        f"those graphs would never run the hook, so torch.compile's code caches are cleared ({reset.__name__}) and "
+        "the next call compiles again. Build the loss before the first forward to avoid the extra compile.",
+        stacklevel=3)
+    reset()
 
 
 def find_last_attention(model: nn.Module) -> nn.Module:
@@ -88,8 +137,28 @@ def expected_prefix_tokens(model: nn.Module) -> int:
     return max(int(stated), present) if isinstance(stated, int) else present
 
 
+def _find_is_compiling() -> Optional[Callable[[], bool]]:
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # torch >= 2.3
+    if check is None:
+        try:  # torch 2.0-2.2 keep it under torch._dynamo (a heavy import, so only where needed)
+            import torch._dynamo as dynamo
+            check = getattr(dynamo, "is_compiling", None)
+        except Exception:
+            check = None
+    return check
+
+
+_IS_COMPILING = _find_is_compiling()
+
+
 def _in_backward() -> bool:
     # Activation checkpointing re-runs the forward inside backward; that recompute must not overwrite scores.
+    # Under torch.compile the question is skipped: the graph task id is a plain int that dynamo cannot trace (a graph
+    # break there made dynamo compile each Block.forward as its own frame and reuse the hook-less graph of the first
+    # block for the last one, so the hook never ran), and a compiled graph's recompute lives inside its backward
+    # graph, where no Python hook runs.
+    if _IS_COMPILING is not None and _IS_COMPILING():
+        return False
     task_id = getattr(torch._C, "_current_graph_task_id", None)
     return task_id is not None and task_id() != -1
 
@@ -127,6 +196,9 @@ class AttentionCapture:
         self.grid = patch_grid(self.model)
         self.always = always
         self.enabled = True
+        self.compiled = is_compiled(model)
+        if self.compiled:
+            prepare_compiled(model)
         self._scores: Optional[torch.Tensor] = None
         self._handle = self.attn.qkv.register_forward_hook(_ScoreHook(self, self.attn.qkv))
 
@@ -165,7 +237,9 @@ class AttentionCapture:
             raise CaptureError(
                 "no student attention was captured since the last loss call: run the student on this batch in "
                 "train mode with grad enabled before calling the loss (criterion(samples, model(samples), y)); "
-                "reentrant activation checkpointing hides the forward, use timm's default non-reentrant mode")
+                "reentrant activation checkpointing hides the forward, use timm's default non-reentrant mode"
+                + ("" if self.compiled else "; if you run a torch.compile'd student, pass that compiled model as "
+                   "student= (the loss then makes compile trace its hook)"))
         if row.shape[0] != batch_size:
             raise CaptureError(
                 f"captured student attention is for a batch of {row.shape[0]} but the loss got {batch_size} "
@@ -199,6 +273,9 @@ class AttentionCapture:
 
     def remove(self) -> None:
         """Detach the hook; the model is left exactly as it was before."""
+        # A compiled graph keeps the hook it was traced with (dynamo skips hook guards); it reads `enabled`, so
+        # turning that off makes dynamo retrace a graph in which the stale hook returns at once.
+        self.enabled = False
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
