@@ -321,11 +321,13 @@ def _build_task_class(name: str) -> type:
             bound = base_params.bind_partial(self, *args, **kwargs).arguments
             if not isinstance(bound.get("teacher_model"), str):
                 raise
+            path = bound.get("teacher_pretrained_path")
+            detail = (str(err).splitlines() or [""])[0][:200] or (f"no file at {path!r}" if path else "")
             raise TeacherWeightsUnavailable(
                 f"the KD teacher {bound['teacher_model']!r} could not load its weights ({type(err).__name__}: "
-                f"{str(err).splitlines()[0][:200]}): without internet pass a local file, teacher_pretrained_path= "
-                "(python -m deit_patch.timm_train: --kd-checkpoint FILE), holding the teacher's weights for your "
-                "classes") from err
+                f"{detail}): pass an existing local file as teacher_pretrained_path= (python -m "
+                "deit_patch.timm_train: --kd-checkpoint FILE) holding the teacher's weights for your classes; "
+                "without it timm downloads them from the Hugging Face hub, which needs internet") from err
         masking["mask_mode"] = masking["mask_mode"] or "attention"
         self._setup_masking(**masking)
 
