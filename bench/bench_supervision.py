@@ -15,6 +15,8 @@ Sections (``--section``, comma separated, names or numbers; default all):
              fraction of it the teacher reaches
   6 vitkd    train step with logit KD vs logit KD + ViTKD feature terms (heads in the optimizer), each with the full
              teacher and at --distill-keep (first teacher), plus the heads' fvcore GMAC
+  7 compiled student train step eager vs torch.compile (--compile-backend, default inductor), each with and without
+             ``AttentionCapture``; the compiled scores are checked against the eager ones first
 
 Every ratio compares variants timed in the same process, interleaved round-robin inside each repetition (the
 starting variant rotates), so drifting load hits them alike; the figures are medians over ``--iters`` repetitions
@@ -62,7 +64,7 @@ from deit_patch.masking import resample_scores, resolve_num_keep, topk_indices  
 from deit_patch.teachers import pruned_forward, require_family, teacher_grid  # noqa: E402
 from losses import DistillationLoss, MaskedDistillationLoss, soft_kd  # noqa: E402
 
-SECTIONS = ("teacher", "student", "distill", "cost", "fast", "vitkd")
+SECTIONS = ("teacher", "student", "distill", "cost", "fast", "vitkd", "compiled")
 
 # Real sizes (ANCHORS.md) and a CPU stand-in with the same three code paths: a ViT/DeiT teacher (class token inside
 # the position embedding), a DeiT-III one (no_embed_class) and a patch-14-like one whose grid differs from the
@@ -653,6 +655,9 @@ class Bench:
     def section_vitkd(self) -> None:
         _VitkdSection.run(self)
 
+    def section_compiled(self) -> None:
+        _CompiledStudentSection.run(self)
+
     def section_fast(self) -> None:
         args, x = self.args, self.x
         keep = args.distill_keep
@@ -846,6 +851,78 @@ class _VitkdSection:
         bench.results["vitkd_step"] = out
 
 
+class _CompiledStudentSection:
+    """Section 7: what torch.compile does to the student step, with and without the attention capture."""
+
+    @staticmethod
+    def run(bench: "Bench") -> None:
+        args, x, y, batch = bench.args, bench.x, bench.y, bench.args.batch_size
+        if args.no_compile:
+            print("  skipped (--no-compile)")
+            bench.results["compiled_student_step"] = {"skipped": "--no-compile"}
+            return
+        models = {name: bench.student() for name in ("eager", "eager+capture", "compiled", "compiled+capture")}
+        for name in ("compiled", "compiled+capture"):
+            models[name] = torch.compile(models[name], backend=args.compile_backend)
+        # Built before any compiled call, as a training script builds its loss before the first step.
+        captures = {name: AttentionCapture(models[name]) for name in ("eager+capture", "compiled+capture")}
+        variants, first_call_s = {}, {}
+        try:
+            # Same weights before any step: the compiled student must hand over the eager student's scores.
+            with bench.amp():
+                for name in ("eager+capture", "compiled+capture"):
+                    t0 = time.perf_counter()
+                    models[name](x)
+                    if name.startswith("compiled"):
+                        first_call_s[name] = time.perf_counter() - t0
+            got, want = captures["compiled+capture"].take(batch), captures["eager+capture"].take(batch)
+            err = (got - want).abs().max().item()
+            if err > 1e-4 or not torch.equal(topk_indices(got, got.shape[1] // 2).sort(1).values,
+                                             topk_indices(want, want.shape[1] // 2).sort(1).values):
+                raise RuntimeError(f"compiled student's scores differ from the eager student's (max abs {err:.3g})")
+            for name, model in models.items():
+                capture = captures.get(name)
+
+                def loss_fn(out, capture=capture):
+                    if capture is not None:
+                        capture.take(batch)  # what the loss does with the scores
+                    return F.cross_entropy(out, y)
+
+                variants[name] = bench._train_step(model, bench.optimizer(model), loss_fn)
+            for name in ("compiled", "compiled+capture"):  # the first backward compiles too: keep it out of timing
+                t0 = time.perf_counter()
+                variants[name]()
+                first_call_s[name] = first_call_s.get(name, 0.0) + time.perf_counter() - t0
+            stats = bench._time(variants, f"compiled student {args.compile_backend}")
+            peak = {n: peak_extra_mib(fn, bench.device) for n, fn in variants.items()}
+        finally:
+            for capture in captures.values():
+                capture.remove()
+        base = stats["eager"]
+        pairs = {"eager": "eager", "eager+capture": "eager", "compiled": "eager",
+                 "compiled+capture": "eager+capture"}
+        rows, out = [], {"student": args.student, "backend": args.compile_backend, "max_abs_score_diff": err,
+                         "first_call_s": first_call_s, "variants": {}}
+        for name, stat in stats.items():
+            vs_eager = paired_ratio(stat, base)
+            vs_pair = paired_ratio(stat, stats[pairs[name]])
+            rows.append([name, fmt(stat.median), fmt(bench.throughput(stat.median), ".0f"), fmt(vs_eager, ".3f"),
+                         f"{vs_pair:.3f} vs {pairs[name]}", fmt(first_call_s.get(name), ".1f"),
+                         fmt(peak[name], ".0f")])
+            out["variants"][name] = {**stat.as_dict(), "vs_eager_paired": vs_eager, "vs_pair_paired": vs_pair,
+                                     "pair": pairs[name], "images_per_s": bench.throughput(stat.median),
+                                     "peak_extra_mib": peak[name]}
+        out["capture_overhead_eager"] = paired_ratio(stats["eager+capture"], stats["eager"])
+        out["capture_overhead_compiled"] = paired_ratio(stats["compiled+capture"], stats["compiled"])
+        print_table(f"7. Student train step, eager vs torch.compile(backend={args.compile_backend!r}), "
+                    f"{short_name(args.student)}", ["variant", "ms", "img/s", "vs eager", "vs its pair",
+                                                     "first call s", "peak MiB"], rows, left=1)
+        print(f"  capture overhead: x{out['capture_overhead_eager']:.3f} eager, "
+              f"x{out['capture_overhead_compiled']:.3f} compiled; compiled scores vs eager: max abs diff {err:.2g}, "
+              "same top-k; 'first call s' = compile (forward, then the first step's backward)")
+        bench.results["compiled_student_step"] = out
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -882,7 +959,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None,
                    help="autocast for sections 1-3 (default bf16 on gpu, none on cpu)")
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile in section 5")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile in sections 5 and 7")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of section 7")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: 1 in cpu mode, see MODES; 0 keeps torch's default)")
     p.add_argument("--seed", type=int, default=0)
