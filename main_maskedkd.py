@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 import torch.backends.cudnn as cudnn
 from timm.data import Mixup

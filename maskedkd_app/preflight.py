@@ -89,6 +89,11 @@ class OutputDirLock:
             raise RunError(f"--output_dir {self.directory} is in use by another run ({holder}): two runs would "
                            "overwrite each other's checkpoints and log; wait for it to finish or pass another "
                            "--output_dir") from None
+        except OSError as error:  # a filesystem without flock support (some network mounts): say so, run on
+            os.close(fd)
+            print(f"note: --output_dir {self.directory} cannot be locked ({error.strerror or error}): make sure no "
+                  "other run uses it")
+            return self
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                   .encode(), 0)
