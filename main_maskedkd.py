@@ -43,7 +43,9 @@ from deit_patch.teacher_input import TeacherInputError
 from deit_patch.teachers import UnsupportedTeacherError, find_family, teacher_grid
 from losses import MaskedDistillationLoss
 
-USER_ERRORS = (CheckpointError, DataError, UnsupportedTeacherError, CaptureError, TeacherInputError, ValueError)
+# OSError: files, disks and network are the environment's, and their message names the path (disk full on log.txt).
+USER_ERRORS = (CheckpointError, DataError, UnsupportedTeacherError, CaptureError, TeacherInputError, ValueError,
+               OSError)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
