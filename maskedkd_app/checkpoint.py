@@ -394,6 +394,8 @@ def _plain_value(value: Any) -> Any:
         return value
     if isinstance(value, (list, tuple)):
         return [_plain_value(item) for item in value]
+    if isinstance(value, Mapping):  # --model-kwargs: a dict compares equal whatever order the flags came in
+        return {str(key): _plain_value(item) for key, item in value.items()}
     return str(value)
 
 

@@ -225,12 +225,29 @@ def test_resume_with_changed_experiment_flags_is_refused(flag, value, shown, tra
     assert log_lines(out) == before
 
 
-def test_resume_anyway_and_harmless_flags(trained, tmp_path, capsys):
-    out, argv = trained
+def _copy_run(out, tmp_path):
     copy = tmp_path / "copy"
     copy.mkdir()
     for name in ("checkpoint.pth", "log.txt"):
         (copy / name).write_bytes((out / name).read_bytes())
+    return copy
+
+
+def test_resume_with_reordered_kwargs_continues(trained, tmp_path, capsys):
+    # The same experiment spelt differently (kwargs in another order, more epochs) is not a change.
+    out, argv = trained
+    copy = _copy_run(out, tmp_path)
+    argv = set_flag(set_flag(argv, "--output_dir", copy), "--epochs", "2")
+    start = argv.index("--model-kwargs") + 1
+    argv[start:start + 4] = reversed(argv[start:start + 4])
+    code, err, stdout = run_cli(argv, capsys)
+    assert code == 0, err
+    assert "continuing at epoch 1" in stdout and "--epochs 2 (the checkpoint's run had 1)" in stdout
+
+
+def test_resume_anyway_and_harmless_flags(trained, tmp_path, capsys):
+    out, argv = trained
+    copy = _copy_run(out, tmp_path)
     argv = set_flag(set_flag(argv, "--output_dir", copy), "--epochs", "2")
     # Flags that do not change what is computed may differ freely.
     harmless = set_flag(argv, "--print-freq", "5")
