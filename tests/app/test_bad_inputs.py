@@ -331,6 +331,26 @@ def test_second_run_on_a_busy_output_dir_is_refused_and_a_killed_run_leaves_no_l
         assert f"pid {os.getpid()}" in lock.path.read_text()
 
 
+def test_torchrun_ranks_all_stop_when_rank0_cannot_lock(tmp_path):
+    # Rank 0 alone locks; the other ranks must learn of the refusal instead of waiting in a collective forever.
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from maskedkd_app.preflight import "
+                               f"OutputDirLock; OutputDirLock({str(out)!r}).acquire(); print('locked', flush=True); "
+                               "time.sleep(600)"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "main_maskedkd.py"] + FAST + STUDENT + ["--output_dir", str(out)],
+                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode != 0
+    assert f"--output_dir {out} is in use by another run (pid {holder.pid}" in proc.stdout + proc.stderr
+    assert not (out / "log.txt").exists()
+
+
 # ------------------------------------------------------------------------------------------------- images
 
 
