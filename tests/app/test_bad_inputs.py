@@ -124,6 +124,13 @@ def test_no_train_mode_with_masking(teacher_ckpt, capsys):
             "--mask-mode attention")
 
 
+@pytest.mark.parametrize("tau", ["nan", "inf"])
+def test_non_finite_tau_on_the_command_line(tau, teacher_ckpt, capsys):
+    # Before: accepted; the first non-finite loss was then blamed on the learning rate.
+    refused(FAST + STUDENT + distil(teacher_ckpt) + ["--distillation-tau", tau], capsys, f"tau={tau}",
+            "finite positive")
+
+
 def test_student_built_for_other_channel_count(capsys):
     # Before: a convolution shape error in the first training step.
     refused(FAST + STUDENT + ["in_chans=1"], capsys, "1-channel", "in_chans=1", "--model-kwargs")
