@@ -9,6 +9,7 @@ import os
 import tempfile
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -23,9 +24,16 @@ SEED = 7
 ALPHA, BETA, RATIO = 0.3, 0.7, 0.5  # not ViTKD's 3e-5/3e-6: swapped or dropped weights must show
 
 
+def named_tiny(name, **kwargs):
+    try:
+        return tiny(name, **kwargs)
+    except TypeError as err:  # timm < 0.9 entrypoints fix embed_dim/num_heads; test_mimicking_on_any_timm covers it
+        pytest.skip(f"timm {timm.__version__} cannot resize {name}: {err}")
+
+
 def student_model(distilled=False, width=64, seed=0):
     name = "deit_tiny_distilled_patch16_224" if distilled else "deit_tiny_patch16_224"
-    model = tiny(name, embed_dim=width, num_heads=2, seed=seed)
+    model = named_tiny(name, embed_dim=width, num_heads=2, seed=seed)
     if distilled:
         model.set_distilled_training(True)
     return model.train()
@@ -37,7 +45,7 @@ TEACHERS = {"vit": ("vit_small_patch16_224", {}), "deit3": ("deit3_small_patch16
 
 def teacher_model(width=96, seed=1, family="vit"):
     name, kwargs = TEACHERS[family]
-    return tiny(name, embed_dim=width, num_heads=2, seed=seed, **kwargs).eval()
+    return named_tiny(name, embed_dim=width, num_heads=2, seed=seed, **kwargs).eval()
 
 
 def make_loss(student, teacher, *, keep=1.0, mode="attention", alpha=0.5, **kw):
@@ -298,7 +306,7 @@ def test_clear_errors(batch):
     with pytest.raises(FeatureKDError, match="distillation_type='soft'"):
         MaskedDistillationLoss(nn.CrossEntropyLoss(), teacher, "none", 0.5, 1.0, student=student, feature_kd="vitkd")
     with pytest.raises(FeatureKDError, match="patch grid"):
-        make_loss(student, tiny("vit_small_patch16_224", patch_size=4, embed_dim=96, num_heads=2))
+        make_loss(student, named_tiny("vit_small_patch16_224", patch_size=4, embed_dim=96, num_heads=2))
     with pytest.raises(FeatureKDError, match="vitkd_layers"):
         make_loss(student, teacher, vitkd_layers=(0, 5))
     with pytest.raises(FeatureKDError, match="compile_teacher"):
@@ -327,7 +335,7 @@ def _ddp_worker(rank, world, init_file, full_mask, x, y, result_file):
         half = x.shape[0] // world
         part = slice(rank * half, (rank + 1) * half)
         features.generation_mask = lambda *a, **k: full_mask[part]  # the 1-process run's mask rows
-        student, teacher = student_model(False, 64), teacher_model(96)
+        student, teacher = class_vit(64).train(), class_vit(96, seed=1).eval()
         torch.manual_seed(100 + rank)
         crit = make_loss(student, teacher, keep=1.0)
         crit(x[part], student(x[part]), y[part]).backward()
@@ -347,7 +355,7 @@ def test_ddp_two_processes_equal_one(batch, monkeypatch):
         mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), full_mask, x, y, result), nprocs=2, join=True)
         ranks = [torch.load(f"{result}.{r}") for r in range(2)]
     monkeypatch.setattr(features, "generation_mask", lambda *a, **k: full_mask)
-    student, teacher = student_model(False, 64), teacher_model(96)
+    student, teacher = class_vit(64).train(), class_vit(96, seed=1).eval()
     torch.manual_seed(100)  # rank 0's heads
     crit = make_loss(student, teacher, keep=1.0)
     crit(x, student(x), y).backward()
@@ -362,10 +370,63 @@ def test_ddp_two_processes_equal_one(batch, monkeypatch):
 def test_token_count_is_checked_against_the_patch_grid():
     # Dynamic-size models fed 48 px make 6x6 = 36 patches, not the 4x4 grid ViTKD pairs positions on: refuse clearly
     # rather than slicing 16 arbitrary tokens.
-    student = tiny("deit_tiny_patch16_224", embed_dim=64, num_heads=2, dynamic_img_size=True).train()
-    teacher = tiny("vit_small_patch16_224", embed_dim=96, num_heads=2, seed=1, dynamic_img_size=True).eval()
+    student = named_tiny("deit_tiny_patch16_224", embed_dim=64, num_heads=2, dynamic_img_size=True).train()
+    teacher = named_tiny("vit_small_patch16_224", embed_dim=96, num_heads=2, seed=1, dynamic_img_size=True).eval()
     crit = make_loss(student, teacher, keep=1.0)
     x = torch.randn(2, 3, 48, 48)
     with pytest.raises(FeatureKDError, match="patch grid does not match the input"):
         crit(x, student(x), torch.zeros(2, dtype=torch.long))
+    crit.remove_hooks()
+
+
+# --- any timm 0.4.12 .. 1.0.x: models built from the classes, hand forward without timm's _pos_embed helper -------
+def class_vit(width, *, distilled=False, seed=0):
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(seed)
+    kw = dict(img_size=32, patch_size=8, embed_dim=width, depth=2, num_heads=2, num_classes=NUM_CLASSES)
+    if not distilled:
+        return VisionTransformer(**kw)
+    try:
+        from timm.models.deit import VisionTransformerDistilled  # timm >= 0.6
+    except ImportError:
+        return VisionTransformer(distilled=True, **kw)  # timm 0.4/0.5: (cls, dist) outputs while training
+    model = VisionTransformerDistilled(**kw)
+    model.set_distilled_training(True)
+    return model
+
+
+def hand_features_any_timm(model, x, keep_idx=None):
+    patches = model.patch_embed(x)
+    prefix = [model.cls_token] + ([model.dist_token] if getattr(model, "dist_token", None) is not None else [])
+    tokens = torch.cat([p.expand(x.shape[0], -1, -1) for p in prefix] + [patches], dim=1) + model.pos_embed
+    n = len(prefix)
+    if keep_idx is not None:
+        idx = keep_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+        tokens = torch.cat([tokens[:, :n], torch.gather(tokens[:, n:], 1, idx)], dim=1)
+    outs = []
+    for block in model.blocks:
+        tokens = block(tokens)
+        outs.append(tokens[:, n:])
+    return outs, model.norm(tokens)[:, n:]
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.5])
+@pytest.mark.parametrize("distilled", [False, True], ids=["plain", "distilled"])
+def test_mimicking_on_any_timm(distilled, keep, batch):
+    x, y = batch
+    student, teacher = class_vit(64, distilled=distilled).train(), class_vit(96, seed=1).eval()
+    stats = dict(student_mean=(0.5,) * 3, student_std=(0.5,) * 3, teacher_mean=(0.5,) * 3, teacher_std=(0.5,) * 3)
+    crit = make_loss(student, teacher, keep=keep, **stats)
+    crit(x, student(x), y)
+    keep_idx = crit.last_keep_idx
+    assert (keep_idx is None) == (keep == 1.0)
+    with torch.no_grad():
+        s_shallow, _ = hand_features_any_timm(student, x)
+        t_shallow, _ = hand_features_any_timm(teacher, x, keep_idx)
+        if keep_idx is not None:
+            s_shallow = [torch.gather(s, 1, keep_idx.unsqueeze(-1).expand(-1, -1, 64)) for s in s_shallow]
+        aligners = crit.feature_heads.shallow_align
+        mimic = sum(((F.linear(s, a.weight, a.bias) - t) ** 2).sum()
+                    for a, s, t in zip(aligners, s_shallow, t_shallow)) / 4 * ALPHA
+    assert crit.pop_loss_terms()["loss_vitkd_mimic"] == pytest.approx(float(mimic), rel=1e-5)
     crit.remove_hooks()
