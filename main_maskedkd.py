@@ -358,7 +358,9 @@ def _main(args, run_scope: contextlib.ExitStack) -> dict:
     _claim_output_dir(args, run_scope)
     _check_resume_config(args, config)
 
+    requested_classes = args.nb_classes
     dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
+    preflight.check_class_count(requested=requested_classes, found=args.nb_classes, data_set=args.data_set)
     dataset_val, _ = build_dataset(is_train=False, args=args)
     loader_train, loader_val, sampler_train = build_loaders(args, dataset_train, dataset_val)
     if not args.eval:

@@ -149,6 +149,14 @@ def check_batches(*, batch_size: int, train_images: int, per_process: int, steps
                    "or less")
 
 
+def check_class_count(*, requested: Optional[int], found: int, data_set: str) -> None:
+    """A data set with its own classes (folders, CIFAR) decides the count; a different --nb-classes is refused
+    rather than ignored, since the user expected a head of that size."""
+    if requested is not None and requested != found:
+        raise RunError(f"--nb-classes {requested} but --data-set {data_set} has {found} classes: drop --nb-classes "
+                       "(the data set's count is used) or point --data-path at the intended data")
+
+
 # ----------------------------------------------------------------------------------------------- model names
 
 

@@ -399,6 +399,12 @@ def test_skip_bad_images_logs_and_counts(tmp_path, capsys):
     assert (out / BAD_IMAGES_LOG).read_text().split() == [str(bad)] and count_bad_images(str(out)) == 1
 
 
+def test_nb_classes_disagreeing_with_the_folder(tmp_path, capsys):
+    # Before: silently replaced by the folder's class count.
+    root = _image_folder(tmp_path / "data")
+    refused(_folder_args(root) + ["--nb-classes", "1000"], capsys, "--nb-classes 1000", "has 2 classes")
+
+
 def test_image_smaller_than_the_crop_is_named(tmp_path, capsys):
     root = _image_folder(tmp_path / "data")
     small = root / "train" / "class0" / "3.png"
