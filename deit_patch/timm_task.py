@@ -65,6 +65,16 @@ def timm_task_base(name: str) -> type:
     return base
 
 
+def weights_error(name: str, path: Optional[str], err: OSError) -> TeacherWeightsUnavailable:
+    """The error for a teacher named ``name`` whose weights timm could not load."""
+    detail = (str(err).splitlines() or [""])[0][:200] or (f"no file at {path!r}" if path else "")
+    return TeacherWeightsUnavailable(
+        f"the KD teacher {name!r} could not load its weights ({type(err).__name__}: {detail}): pass an existing "
+        "local file as teacher_pretrained_path= (python -m deit_patch.timm_train: --kd-checkpoint FILE) holding the "
+        "teacher's weights for your classes; without it timm downloads them from the Hugging Face hub, which needs "
+        "internet")
+
+
 # --- the teacher side: what DistillationTeacher.model becomes --------------------------------------------
 class TeacherMasker(nn.Module):
     """Stands in for ``DistillationTeacher.model``: chooses the kept patches, then runs the pruned teacher.
@@ -321,13 +331,7 @@ def _build_task_class(name: str) -> type:
             bound = base_params.bind_partial(self, *args, **kwargs).arguments
             if not isinstance(bound.get("teacher_model"), str):
                 raise
-            path = bound.get("teacher_pretrained_path")
-            detail = (str(err).splitlines() or [""])[0][:200] or (f"no file at {path!r}" if path else "")
-            raise TeacherWeightsUnavailable(
-                f"the KD teacher {bound['teacher_model']!r} could not load its weights ({type(err).__name__}: "
-                f"{detail}): pass an existing local file as teacher_pretrained_path= (python -m "
-                "deit_patch.timm_train: --kd-checkpoint FILE) holding the teacher's weights for your classes; "
-                "without it timm downloads them from the Hugging Face hub, which needs internet") from err
+            raise weights_error(bound["teacher_model"], bound.get("teacher_pretrained_path"), err) from err
         masking["mask_mode"] = masking["mask_mode"] or "attention"
         self._setup_masking(**masking)
 

@@ -16,15 +16,23 @@ import runpy
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .capture import CaptureError
 from .masking import MASK_MODES
+from .teacher_input import TeacherInputError
+from .teachers import UnsupportedTeacherError
 from .timm_task import TASK_BASES, TeacherWeightsUnavailable, TimmTaskUnavailable, configured
 
-# our flag -> where it goes (a masked task constructor argument)
-OUR_FLAGS = ("--timm-train", "--keep-ratio", "--num-keep", "--mask-mode", "--kd-checkpoint", "--no-flops")
+OUR_FLAGS = ("--timm-train", "--keep-ratio", "--num-keep", "--mask-mode", "--kd-checkpoint", "--kd-model-kwargs",
+             "--no-flops")
 
 
 class TimmTrainError(RuntimeError):
     """The command line or the train.py cannot work with the masked tasks."""
+
+
+def _parse_kwargs_action() -> type:
+    from timm.utils import ParseKwargs  # train.py's own k=v parser, so --kd-model-kwargs reads like --model-kwargs
+    return ParseKwargs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kd-checkpoint", default=None, metavar="FILE",
                         help="local weights for the --kd-model-name teacher (.pth/.safetensors with its classifier "
                              "for your classes); without it timm downloads the pretrained teacher")
+    parser.add_argument("--kd-model-kwargs", nargs="*", default={}, action=_parse_kwargs_action(), metavar="K=V",
+                        help="extra timm.create_model arguments for the teacher, e.g. img_size=160 (train.py builds "
+                             "it by name at its own resolution) or dynamic_img_size=True")
     parser.add_argument("--no-flops", action="store_true", help="skip the fvcore supervision-cost table at start-up")
     return parser
 
@@ -94,7 +105,42 @@ def task_defaults(ours: argparse.Namespace) -> Dict[str, object]:
     return defaults
 
 
-def install_tasks(defaults: Dict[str, object], built: List[str]) -> Dict[str, object]:
+def build_named_teacher(masked: type, args: tuple, kwargs: Dict[str, object],
+                        model_kwargs: Dict[str, object]) -> Tuple[tuple, Dict[str, object]]:
+    """(args, kwargs) for ``masked`` with a teacher given by name built here, with ``model_kwargs``.
+
+    timm's DistillationTeacher builds a named teacher without extra arguments; this builds it the same way
+    (pretrained, a local file through the pretrained config, the student's classes and channels) plus them.
+    """
+    import inspect
+    from timm.models import create_model
+    from .capture import unwrap_model
+    from .timm_task import weights_error
+    params = inspect.signature(masked.__init__)
+    bound = params.bind_partial(None, *args, **kwargs).arguments
+    name = bound.get("teacher_model")
+    if not isinstance(name, str):
+        return args, kwargs
+    student = unwrap_model(bound["student_model"])
+    num_classes = getattr(student, "num_classes", None)
+    path = bound.get("teacher_pretrained_path") or masked.task_defaults.get("teacher_pretrained_path")
+    overlay = dict(bound.get("teacher_pretrained_cfg_overlay") or {})
+    if path:
+        overlay = {"file": path, "num_classes": num_classes, **overlay}
+    try:
+        teacher = create_model(name, pretrained=True, pretrained_cfg_overlay=overlay or None, num_classes=num_classes,
+                               in_chans=getattr(student, "in_chans", 3), **model_kwargs)
+    except OSError as err:
+        raise weights_error(name, path, err) from err
+    # timm leaves a teacher module where it is: put it where the task's tensors live.
+    teacher.to(device=bound.get("device") or "cpu", dtype=bound.get("dtype"))
+    bound["teacher_model"] = teacher
+    bound.pop("self", None)
+    return (), dict(bound)  # every argument by name: the constructor has no positional-only ones
+
+
+def install_tasks(defaults: Dict[str, object], built: List[str],
+                  teacher_kwargs: Optional[Dict[str, object]] = None) -> Dict[str, object]:
     """Point ``timm.task``'s task names at configured masked tasks; returns the originals (to restore)."""
     import timm.task as timm_task
     originals: Dict[str, object] = {}
@@ -104,6 +150,8 @@ def install_tasks(defaults: Dict[str, object], built: List[str]) -> Dict[str, ob
         masked = configured(name, **defaults)
 
         def __init__(self, *args, __masked=masked, **kwargs):
+            if teacher_kwargs:
+                args, kwargs = build_named_teacher(__masked, args, kwargs, teacher_kwargs)
             __masked.__init__(self, *args, **kwargs)
             built.append(type(self).__name__)
 
@@ -120,7 +168,7 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
     defaults = task_defaults(ours)
     built: List[str] = []
     try:
-        originals = install_tasks(defaults, built)
+        originals = install_tasks(defaults, built, teacher_kwargs=ours.kd_model_kwargs)
     except TimmTaskUnavailable as err:
         raise TimmTrainError(str(err)) from None
     import timm.task as timm_task
@@ -142,8 +190,12 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
 def main() -> None:
     try:
         run()
-    except (TimmTrainError, TeacherWeightsUnavailable) as err:
-        print(f"deit_patch.timm_train: error: {err}", file=sys.stderr)
+    except (TimmTrainError, TeacherWeightsUnavailable, TeacherInputError, UnsupportedTeacherError,
+            CaptureError) as err:  # ours, each naming its fix: the message, not a traceback through train.py
+        hint = ""
+        if isinstance(err, TeacherInputError) and "img_size" in str(err):
+            hint = " (here: --kd-model-kwargs img_size=N, or --kd-model-kwargs dynamic_img_size=True)"
+        print(f"deit_patch.timm_train: error: {err}{hint}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
