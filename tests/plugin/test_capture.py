@@ -2,10 +2,11 @@
 import copy
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny
+from conftest import TIMM_CHECKPOINT_NON_REENTRANT, tiny
 from deit_patch.capture import AttentionCapture, CaptureError, unwrap_model
 
 
@@ -13,7 +14,7 @@ def explicit_cls_attention(model, x):
     """Class-token row of the last block's softmax map, from a non-fused copy of the model (mean over heads)."""
     ref = copy.deepcopy(model)
     for block in ref.blocks:
-        block.attn.fused_attn = False
+        block.attn.fused_attn = False  # timm >= 0.9 fuses attention; older timm always builds the map
     maps = []
     # attn_drop receives softmax(q k^T / sqrt(d)) exactly as the model computes it.
     handle = ref.blocks[-1].attn.attn_drop.register_forward_hook(lambda m, i, o: maps.append(i[0]))
@@ -21,7 +22,7 @@ def explicit_cls_attention(model, x):
     with torch.no_grad():
         ref(x)
     handle.remove()
-    prefix = ref.num_prefix_tokens
+    prefix = ref.num_prefix_tokens if hasattr(ref, "num_prefix_tokens") else ref.num_tokens  # timm < 0.6: num_tokens
     return maps[0][:, :, 0, prefix:].mean(dim=1)
 
 
@@ -63,7 +64,8 @@ def test_outputs_and_grads_bitwise_identical_and_fused_kept(batch, monkeypatch):
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
     assert all(torch.equal(g, h) for g, h in zip(_grads(a), _grads(b)))
-    assert len(calls) == 2 * len(a.blocks)  # every block of both models still ran fused attention
+    if getattr(a.blocks[0].attn, "fused_attn", False):  # timm >= 0.9; older timm never calls SDPA
+        assert len(calls) == 2 * len(a.blocks)  # every block of both models still ran fused attention
     assert cap.take(4).shape == (4, 16)
 
 
@@ -95,6 +97,8 @@ def test_autocast_bf16_scores_float32_and_close(batch):
 def test_activation_checkpointing_records_once(batch):
     x, y = batch
     model = tiny()
+    if not TIMM_CHECKPOINT_NON_REENTRANT:
+        pytest.skip(f"timm {timm.__version__} checkpoints reentrantly (the forward runs without grad, documented)")
     model.set_grad_checkpointing(True)
     cap = AttentionCapture(model)
     records = []
