@@ -20,7 +20,7 @@ from .capture import CaptureError
 from .masking import MASK_MODES
 from .teacher_input import TeacherInputError
 from .teachers import UnsupportedTeacherError
-from .timm_task import TASK_BASES, TeacherWeightsUnavailable, TimmTaskUnavailable, configured
+from .timm_task import TASK_BASES, TeacherWeightsUnavailable, TimmTaskUnavailable, configured, timm_task_base
 
 OUR_FLAGS = ("--timm-train", "--keep-ratio", "--num-keep", "--mask-mode", "--kd-checkpoint", "--kd-model-kwargs",
              "--no-flops")
@@ -31,7 +31,11 @@ class TimmTrainError(RuntimeError):
 
 
 def _parse_kwargs_action() -> type:
-    from timm.utils import ParseKwargs  # train.py's own k=v parser, so --kd-model-kwargs reads like --model-kwargs
+    try:
+        from timm.utils import ParseKwargs  # train.py's own k=v parser, so --kd-model-kwargs reads like --model-kwargs
+    except ImportError:
+        timm_task_base("LogitDistillationTask")  # an old timm: refused with the timm release that is needed
+        raise
     return ParseKwargs
 
 
@@ -162,15 +166,13 @@ def install_tasks(defaults: Dict[str, object], built: List[str],
 
 
 def run(argv: Optional[Sequence[str]] = None) -> None:
+    timm_task_base("LogitDistillationTask")  # first: on a timm without timm.task, say which timm is needed
     ours, rest = split_args(sys.argv[1:] if argv is None else argv)
     train_py = os.path.abspath(ours.timm_train)
     check_train_script(train_py)
     defaults = task_defaults(ours)
     built: List[str] = []
-    try:
-        originals = install_tasks(defaults, built, teacher_kwargs=ours.kd_model_kwargs)
-    except TimmTaskUnavailable as err:
-        raise TimmTrainError(str(err)) from None
+    originals = install_tasks(defaults, built, teacher_kwargs=ours.kd_model_kwargs)
     import timm.task as timm_task
     saved_argv, saved_path = list(sys.argv), list(sys.path)
     sys.argv = [train_py] + list(rest)
@@ -190,8 +192,8 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
 def main() -> None:
     try:
         run()
-    except (TimmTrainError, TeacherWeightsUnavailable, TeacherInputError, UnsupportedTeacherError,
-            CaptureError) as err:  # ours, each naming its fix: the message, not a traceback through train.py
+    except (TimmTrainError, TimmTaskUnavailable, TeacherWeightsUnavailable, TeacherInputError,
+            UnsupportedTeacherError, CaptureError) as err:  # ours, each naming its fix: the message, not a traceback through train.py
         hint = ""
         if isinstance(err, TeacherInputError) and "img_size" in str(err):
             hint = " (here: --kd-model-kwargs img_size=N, or --kd-model-kwargs dynamic_img_size=True)"
