@@ -303,9 +303,10 @@ class _MaskedTaskMixin:
 
 def _signature_with_masking(base: type) -> inspect.Signature:
     params = [p for p in inspect.signature(base.__init__).parameters.values() if p.kind != p.VAR_KEYWORD]
-    extra = [inspect.Parameter("keep_ratio", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Optional[float]"),
-             inspect.Parameter("num_keep", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Optional[int]"),
-             inspect.Parameter("mask_mode", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Optional[str]")]
+    kw = inspect.Parameter.KEYWORD_ONLY
+    extra = [inspect.Parameter("keep_ratio", kw, default=None, annotation="Optional[float]"),
+             inspect.Parameter("num_keep", kw, default=None, annotation="Optional[int]"),
+             inspect.Parameter("mask_mode", kw, default=None, annotation="Optional[str]")]
     return inspect.Signature(params + extra)
 
 

@@ -193,7 +193,8 @@ def main() -> None:
     try:
         run()
     except (TimmTrainError, TimmTaskUnavailable, TeacherWeightsUnavailable, TeacherInputError,
-            UnsupportedTeacherError, CaptureError) as err:  # ours, each naming its fix: the message, not a traceback through train.py
+            UnsupportedTeacherError, CaptureError) as err:
+        # ours, each naming its fix: the message, not a traceback through train.py
         hint = ""
         if isinstance(err, TeacherInputError) and "img_size" in str(err):
             hint = " (here: --kd-model-kwargs img_size=N, or --kd-model-kwargs dynamic_img_size=True)"
