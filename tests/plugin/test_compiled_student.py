@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import tiny
+from conftest import TIMM_CHECKPOINT_NON_REENTRANT, tiny
 import deit_patch.capture as capture_mod
 from deit_patch.capture import AttentionCapture, CaptureError
 from losses import MaskedDistillationLoss
@@ -127,8 +127,9 @@ def test_compiled_activation_checkpointing_records_once(backend, batch):
     ref_cap = AttentionCapture(reference)
     reference.train()(x)
     model = tiny(seed=4)
-    if not hasattr(model, "set_grad_checkpointing"):
-        pytest.skip(f"timm {timm.__version__} ViTs have no activation checkpointing")
+    if not hasattr(model, "set_grad_checkpointing") or not TIMM_CHECKPOINT_NON_REENTRANT:
+        pytest.skip(f"timm {timm.__version__} has no non-reentrant activation checkpointing (reentrant hides the "
+                    "forward from the hook, documented)")
     model.set_grad_checkpointing(True)
     cap = AttentionCapture(torch.compile(model, backend=backend))
     records = []
