@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from deit_patch.capture import AttentionCapture, CaptureError, unwrap_model
 from deit_patch.cost import SupervisionCost, TokenMeter, student_gflops, teacher_gflops
 from deit_patch.features import build_feature_kd, heads_gflops
-from deit_patch.masking import MASK_MODES, resample_scores, resolve_num_keep, select_patches
+from deit_patch.masking import MASK_MODES, choose_patches, resolve_num_keep
+from deit_patch.teacher_input import InputRenorm, build_renorm, check_channels, check_resolution
 from deit_patch.teachers import (PrunedTeacher, count_prefix_tokens, find_family, pruned_forward, require_family,
                                  teacher_grid, verify_family)
-from deit_patch.teacher_input import InputRenorm, build_renorm, check_channels, check_resolution
 
 Outputs = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 DISTILLATION_TYPES = ("none", "soft", "hard")
@@ -386,17 +386,9 @@ class MaskedDistillationLoss(DistillationLoss):
 
     def _keep_indices(self, x: torch.Tensor, batch: int, *, image_hw: Tuple[int, int], grid: Tuple[int, int],
                       kept: int) -> torch.Tensor:
-        source = MASK_MODES[self.mask_mode][1]
-        scores = None
-        if source == "teacher":
-            self.teacher_model(x)  # analysis only: one extra full teacher pass to read its attention
-            scores = self.capture.take(batch, image_hw=image_hw)
-        elif source == "student":
-            scores = self.capture.take(batch, image_hw=image_hw)
-        if scores is not None:
-            src = self.capture.score_grid(scores.shape[1], image_hw)
-            scores = resample_scores(scores, src_grid=src, dst_grid=grid)
-        return select_patches(self.mask_mode, scores=scores, batch_size=batch, num_patches=grid[0] * grid[1],
+        if self.capture is not None and self.capture.always:
+            self.teacher_model(x)  # 'teacher' mode, analysis only: one extra full teacher pass to read its attention
+        return choose_patches(self.mask_mode, capture=self.capture, batch_size=batch, image_hw=image_hw, grid=grid,
                               num_keep=kept, device=x.device)
 
     def _run_pruned(self, x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:

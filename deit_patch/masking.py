@@ -6,7 +6,7 @@ tokens keep their raster order (the teacher's output does not depend on it, but 
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -114,3 +114,20 @@ def scheduled_keep_ratio(epoch: int, *, target: float, warmup_epochs: int, shape
     if epoch >= warmup_epochs:
         return float(target)
     return float(start) + (float(target) - float(start)) * KEEP_SCHEDULES[shape](epoch / warmup_epochs)
+
+
+def choose_patches(mode: str, *, capture: Optional[Any], batch_size: int, image_hw: Tuple[int, int],
+                   grid: Tuple[int, int], num_keep: int, device: torch.device) -> torch.Tensor:
+    """(B, num_keep) kept teacher patches for this batch: the capture's scores (if the mode reads any), resampled
+    from the scoring model's patch grid onto the teacher's ``grid``, then the mode's selector.
+
+    ``capture`` is an ``AttentionCapture`` (duck-typed: ``take`` and ``score_grid``) that has already seen this
+    batch, or None for modes that need no scores. Shared by the DeiT loss and the timm tasks.
+    """
+    scores = None
+    if capture is not None:
+        scores = capture.take(batch_size, image_hw=image_hw)
+        src = capture.score_grid(scores.shape[1], image_hw)
+        scores = resample_scores(scores, src_grid=src, dst_grid=grid)
+    return select_patches(mode, scores=scores, batch_size=batch_size, num_patches=grid[0] * grid[1],
+                          num_keep=num_keep, device=device)

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from .capture import AttentionCapture, unwrap_model
 from .cost import SupervisionCost, TokenMeter, student_gflops, teacher_gflops
-from .masking import MASK_MODES, resample_scores, resolve_num_keep, select_patches
+from .masking import MASK_MODES, choose_patches, resolve_num_keep
 from .teacher_input import check_resolution
 from .teachers import PrunedTeacher, TeacherFamily, find_family, pruned_forward, require_family, teacher_grid
 
@@ -132,16 +132,11 @@ class TeacherMasker(nn.Module):
         grid = teacher_grid(self.teacher, image_hw)
         num_keep = self.keep_for(grid)
         batch = x.shape[0]
-        scores = None
-        if self.capture is not None:
-            if self.capture.always:
-                self.teacher(x)  # 'teacher' mode, analysis only: a full pass to read the teacher's own attention
-            # The student saw the same pixels (normalize_input only rescales values), so the same resolution.
-            scores = self.capture.take(batch, image_hw=image_hw)
-            src = self.capture.score_grid(scores.shape[1], image_hw)
-            scores = resample_scores(scores, src_grid=src, dst_grid=grid)
-        keep_idx = select_patches(self.mask_mode, scores=scores, batch_size=batch, num_patches=grid[0] * grid[1],
-                                  num_keep=num_keep, device=x.device)
+        if self.capture is not None and self.capture.always:
+            self.teacher(x)  # 'teacher' mode, analysis only: a full pass to read the teacher's own attention
+        # The student saw the same pixels (normalize_input only rescales values), so the same resolution.
+        keep_idx = choose_patches(self.mask_mode, capture=self.capture, batch_size=batch, image_hw=image_hw,
+                                  grid=grid, num_keep=num_keep, device=x.device)
         if self.capture is not None and self.capture.always:
             self.capture.enabled = False  # the pruned pass must not overwrite the full pass's scores
         try:
