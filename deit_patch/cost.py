@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .capture import unwrap_model
-from .teachers import PrunedTeacher, num_teacher_patches
+from .teachers import PrunedTeacher
 
 
 def _shape(value: Any) -> List[int]:

@@ -6,7 +6,6 @@ normalisation and applying the other is a per-channel affine map, ``x * scale + 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch

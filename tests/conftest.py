@@ -77,6 +77,13 @@ def _create_overriding_entrypoint(name: str, arch: dict, **kwargs) -> torch.nn.M
     return model
 
 
+def save_tiny_teacher(path, *, num_classes: int = NUM_CLASSES):
+    """A small ViT teacher (patch 8, depth 2, width 96) in DeiT's checkpoint format, for the CLI tests."""
+    model = tiny("vit_small_patch16_224", patch_size=8, depth=2, embed_dim=96, num_heads=2, num_classes=num_classes)
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
 @pytest.fixture
 def make_model():
     return tiny

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, tiny
+from conftest import ROOT, tiny, save_tiny_teacher
 
 import main_maskedkd
 from maskedkd_app import checkpoint as checkpoint_module
@@ -40,10 +40,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
-    model = tiny("vit_small_patch16_224", patch_size=8, depth=2, embed_dim=96, num_heads=2, num_classes=10)
-    torch.save({"model": model.state_dict()}, path)
-    return path
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pth", num_classes=10)
 
 
 def distil(teacher_ckpt):

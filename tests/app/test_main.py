@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, tiny
+from conftest import ROOT, tiny, save_tiny_teacher
 
 import main_maskedkd
 from maskedkd_app.checkpoint import read_checkpoint
@@ -49,10 +49,7 @@ def image_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory):
     """A teacher matching TEACHER, saved in DeiT's format."""
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
-    model = tiny("vit_small_patch16_224", patch_size=8, depth=2, embed_dim=96, num_heads=2, num_classes=4)
-    torch.save({"model": model.state_dict()}, path)
-    return path
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pth", num_classes=4)
 
 
 def data(folder):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import tiny
+from conftest import tiny, save_tiny_teacher
 
 import main_maskedkd
 from deit_patch.features import ViTKDHeads
@@ -27,10 +27,7 @@ RUN = ["--data-set", "PROCEDURAL", "--procedural-train-size", "48", "--procedura
 
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
-    model = tiny("vit_small_patch16_224", patch_size=8, depth=2, embed_dim=96, num_heads=2, num_classes=10)
-    torch.save({"model": model.state_dict()}, path)
-    return path
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pth", num_classes=10)
 
 
 def run(argv):
