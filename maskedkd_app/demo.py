@@ -1,101 +1,170 @@
-"""``main_maskedkd.py --demo``: a real MaskedKD distillation on the built-in procedural dataset, in minutes on CPU.
+"""``main_maskedkd.py --demo``: what masking the teacher buys, measured in one run of a few minutes on a CPU.
 
-Two runs of the ordinary training entry point: a small ViT teacher is trained first (skipped when
-``<output_dir>/teacher.pth`` exists), then a smaller ViT student is distilled from it with student-guided
-masking at keep 0.5. Nothing here is special-cased: the same flags work on a real dataset.
+The shipped teacher (``maskedkd_app/assets``, a ViT trained on the built-in procedural data set; checksum
+verified) distils the same small ViT student three ways with the ordinary training entry point: MaskedKD
+(the teacher sees the half of the patches the student attends to), no teacher at all, and the full teacher.
+The table printed at the end comes from these runs: student top-1 per arm, the teacher's fvcore GFLOPs per
+image, the teacher compute saved and the wall time. Nothing here is special-cased: the printed command lines
+are the ordinary flags, and work on a real dataset.
 """
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from . import distributed as dist_utils
-from .checkpoint import extract_state_dict, read_checkpoint, save_atomic
+from . import shipped_teacher
 
-# Shared by both runs: 32 px images of 10 object classes, no mixup/erasing (the objects are small, and the point
-# is a fast, readable run), a short cosine schedule.
+MAIN = Path(__file__).resolve().parent.parent / "main_maskedkd.py"
+
+# Every arm: 32 px procedural images (the shipped teacher's data and statistics), no mixup/erasing/smoothing
+# (small objects, short runs), a cosine schedule without warm-up (a warm-up epoch is a large share of a short run).
 COMMON = ["--data-set", "PROCEDURAL", "--input-size", "32", "--batch-size", "64", "--num_workers", "0",
           "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--smoothing", "0", "--drop-path", "0",
-          "--no-model-ema", "--no-repeated-aug", "--unscale-lr", "--warmup-epochs", "1", "--cooldown-epochs", "0",
-          "--min-lr", "1e-5", "--weight-decay", "0.05", "--print-freq", "25"]
-TEACHER_SHAPE = ["patch_size=4", "embed_dim=64", "depth=4", "num_heads=2"]  # 8x8 patch grid at 32 px
-TEACHER = ["--model", "vit_small_patch16_224", "--model-kwargs", *TEACHER_SHAPE, "--lr", "2e-3"]
-STUDENT = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "patch_size=4", "embed_dim=48", "depth=2",
-           "num_heads=2", "--lr", "2e-3"]
-TEACHER_KWARGS = ["--teacher-model", "vit_small_patch16_224", "--teacher-kwargs", *TEACHER_SHAPE]
-DEFAULTS = {"train_size": 3000, "val_size": 500, "teacher_epochs": 24, "student_epochs": 10, "keep_ratio": 0.5}
+          "--no-model-ema", "--no-repeated-aug", "--unscale-lr", "--warmup-epochs", "0", "--cooldown-epochs", "0",
+          "--min-lr", "1e-5", "--weight-decay", "0.05", "--lr", "1e-3", "--print-freq", "50"]
+STUDENT = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "patch_size=4", "embed_dim=64", "depth=3",
+           "num_heads=2"]
+KD = ["--distillation-type", "soft", "--distillation-alpha", "0.5", "--distillation-tau", "1.0",
+      "--kd-reduction", "batchmean"]
+# name -> extra flags; the order is the order they run and print in.
+ARMS: Dict[str, List[str]] = {
+    "MaskedKD, keep 0.5": KD + ["--mask-mode", "attention", "--keep-ratio", "0.5"],
+    "no teacher": [],
+    "full teacher": KD + ["--keep-ratio", "1.0"],
+}
+DEFAULTS = {"train_size": 5000, "val_size": 1000, "epochs": 10, "arms": list(ARMS)}
 
 
-def demo_argv(kind: str, *, out: Path, device: str, seed: int, cfg: Dict) -> List[str]:
-    """The command line each demo phase runs (printed, so users can rerun or adapt it)."""
-    sizes = ["--procedural-train-size", str(cfg["train_size"]), "--procedural-val-size", str(cfg["val_size"]),
-             "--device", device, "--seed", str(seed)]
-    if kind == "teacher":
-        return COMMON + sizes + TEACHER + ["--epochs", str(cfg["teacher_epochs"]), "--output_dir", str(out / "teacher")]
-    return COMMON + sizes + STUDENT + TEACHER_KWARGS + [
-        "--epochs", str(cfg["student_epochs"]), "--distillation-type", "soft", "--distillation-alpha", "0.5",
-        "--distillation-tau", "1.0", "--kd-reduction", "batchmean", "--keep-ratio", str(cfg["keep_ratio"]),
-        "--teacher-path", str(out / "teacher.pth"), "--output_dir", str(out / "student")]
+def demo_argv(arm: str, *, out: Path, device: str, seed: int, cfg: Dict, teacher: Dict) -> List[str]:
+    """The command line one demo arm runs (printed, so users can rerun or adapt it)."""
+    argv = COMMON + STUDENT + [
+        "--procedural-train-size", str(cfg["train_size"]), "--procedural-val-size", str(cfg["val_size"]),
+        "--epochs", str(cfg["epochs"]), "--device", device, "--seed", str(seed),
+        "--output_dir", str(out / arm_dir(arm))] + ARMS[arm]
+    if ARMS[arm]:
+        argv += shipped_teacher.teacher_flags(teacher)
+    return argv
 
 
-def ensure_teacher(*, out: Path, run: Callable[[List[str]], Dict], argv: List[str]) -> Optional[float]:
-    """Train the teacher unless ``out/teacher.pth`` is cached; returns its accuracy when it was trained now."""
-    target = out / "teacher.pth"
-    if target.exists():
-        print(f"[demo] using cached teacher {target}")
-        return None
-    print("[demo] training the teacher:\n  python main_maskedkd.py " + " ".join(argv))
-    stats = run(argv)
-    if dist_utils.is_main_process():
-        weights = extract_state_dict(read_checkpoint(out / "teacher" / "checkpoint.pth"))
-        save_atomic({"model": weights, "acc1": stats.get("test_acc1")}, target)
-    dist_utils.barrier()
-    return stats.get("test_acc1")
+def arm_dir(arm: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in arm.lower()).strip("_")
+
+
+def demo_threads() -> int:
+    """Torch threads for the demo: one per core that is not already busy (1-minute load average), at least one.
+
+    More threads than free cores stall rather than slow: OpenMP threads spin at every barrier waiting for a
+    thread that another process holds (measured: 138 s alone, over 900 s beside one other torch process with
+    2 threads on 2 cores). An explicit OMP_NUM_THREADS wins.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
+    return max(1, min(cores, cores - busy))
+
+
+def teacher_accuracy(info: Dict, num_images: int) -> float:
+    """The shipped teacher's top-1 on the demo's val images, measured now (the file's record is not trusted)."""
+    return shipped_teacher.accuracy(shipped_teacher.build(info), info, num_images)
+
+
+def _arm_record(arm: str, out: Path, seconds: float) -> Dict:
+    """An arm's numbers, read from its run's per-epoch log (the last line is the final epoch)."""
+    lines = [json.loads(line) for line in (out / arm_dir(arm) / "log.txt").read_text().splitlines() if line.strip()]
+    last = lines[-1]
+    return {"student_acc1": last["test_acc1"], "student_max_acc1": max(line["test_acc1"] for line in lines),
+            "teacher_gflops": last.get("teacher_gflops_per_img", 0.0) if ARMS[arm] else 0.0,
+            "teacher_gflops_full": last.get("teacher_gflops_full"),
+            "teacher_tokens_kept": last.get("train_teacher_tokens_kept"), "seconds": seconds}
+
+
+def _run_in_parallel(commands: Dict[str, List[str]], *, out: Path, workers: int) -> Dict[str, float]:
+    """Each arm in its own single-threaded process, ``workers`` at a time; returns each arm's wall seconds.
+
+    One thread per process and no more processes than free cores: nothing spins waiting for a descheduled
+    OpenMP thread, so a busy machine runs the arms one after another instead of stalling them all.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    pending, running, seconds = list(commands.items()), {}, {}
+    while pending or running:
+        while pending and len(running) < workers:
+            arm, argv = pending.pop(0)
+            log_path = out / f"{arm_dir(arm)}.out"
+            log = open(log_path, "w")
+            proc = subprocess.Popen([sys.executable, str(MAIN), *argv], stdout=log, stderr=subprocess.STDOUT,
+                                    env=env, cwd=str(MAIN.parent))
+            running[arm] = (proc, time.time(), log, log_path)
+        time.sleep(0.5)
+        for arm, (proc, started, log, log_path) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[arm]
+            if proc.returncode != 0:
+                for other in running.values():
+                    other[0].kill()
+                raise RuntimeError(f"demo arm {arm!r} failed (exit {proc.returncode}); its output is in {log_path}")
+            seconds[arm] = time.time() - started
+            print(f"[demo] {arm}: done in {seconds[arm]:.0f} s (output: {log_path})")
+    return seconds
 
 
 def run_demo(args, main_fn: Callable, parse_fn: Callable[[List[str]], object], cfg: Optional[Dict] = None) -> Dict:
+    import torch
     cfg = {**DEFAULTS, **(cfg or {})}
     out = Path(args.output_dir or "output/demo")
     out.mkdir(parents=True, exist_ok=True)
-    device = args.device if args.device != "cuda" or _has_cuda() else "cpu"
+    device = args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu"
+    # On CPU the arms run as parallel single-threaded processes, one per free core; under torchrun (or on a GPU)
+    # in this process, one after another.
+    parallel = device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    workers = demo_threads() if parallel else 1
     start = time.time()
-    run = lambda argv: main_fn(parse_fn(argv))
-    teacher_acc = ensure_teacher(out=out, run=run, argv=demo_argv("teacher", out=out, device=device,
-                                                                   seed=args.seed, cfg=cfg))
-    if teacher_acc is None:
-        teacher_acc = read_checkpoint(out / "teacher.pth").get("acc1")
-    argv = demo_argv("student", out=out, device=device, seed=args.seed, cfg=cfg)
-    print("[demo] distilling the student with MaskedKD:\n  python main_maskedkd.py " + " ".join(argv))
-    stats = run(argv)
-    summary = {"teacher_acc1": teacher_acc, "student_acc1": stats.get("test_acc1"),
-               "student_max_acc1": stats.get("max_accuracy"),
-               "teacher_gflops_full": stats.get("teacher_gflops_full"),
-               "teacher_gflops_masked": stats.get("teacher_gflops_per_img"),
-               "teacher_tokens_kept": stats.get("train_teacher_tokens_kept"),
-               "seconds": time.time() - start}
-    if summary["teacher_gflops_full"]:
-        summary["teacher_compute_saved"] = 1 - summary["teacher_gflops_masked"] / summary["teacher_gflops_full"]
+    info = shipped_teacher.verify()
+    print(f"[demo] shipped teacher {shipped_teacher.WEIGHTS.name}: sha256 ok "
+          f"(retrain: python -m maskedkd_app.shipped_teacher --retrain)")
+    commands = {arm: demo_argv(arm, out=out, device=device, seed=args.seed, cfg=cfg, teacher=info)
+                for arm in cfg["arms"]}
+    for arm, argv in commands.items():
+        print(f"[demo] {arm}:\n  python main_maskedkd.py " + " ".join(argv))
+    if parallel:
+        print(f"[demo] {len(commands)} runs, {workers} at a time, one thread each (free cores: {workers})")
+        seconds = _run_in_parallel(commands, out=out, workers=workers)
+    else:
+        seconds = {}
+        for arm, argv in commands.items():
+            arm_start = time.time()
+            main_fn(parse_fn(argv))
+            seconds[arm] = time.time() - arm_start
+    torch.set_num_threads(max(1, workers))
+    summary: Dict = {"teacher_acc1": teacher_accuracy(info, cfg["val_size"]), "workers": workers,
+                     "arms": {arm: _arm_record(arm, out, seconds[arm]) for arm in commands}}
+    summary["seconds"] = time.time() - start
     if dist_utils.is_main_process():
         (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
-        print(_report(summary))
+        print(report(summary, cfg))
     return summary
 
 
-def _report(s: Dict) -> str:
-    lines = ["", "=" * 64, "MaskedKD demo finished in {:.0f} s".format(s["seconds"])]
-    if s.get("teacher_acc1") is not None:
-        lines.append(f"  teacher top-1 (all patches):              {s['teacher_acc1']:.1f}%")
-    lines.append(f"  student top-1 after distillation:          {s['student_acc1']:.1f}%")
-    if s.get("teacher_compute_saved") is not None:
-        lines.append(f"  teacher GFLOPs/img: {s['teacher_gflops_full']:.3f} full -> {s['teacher_gflops_masked']:.3f} "
-                     f"masked ({100 * s['teacher_compute_saved']:.0f}% of teacher compute saved)")
-    lines.append("=" * 64)
+def report(s: Dict, cfg: Dict) -> str:
+    """The demo's table: one row per arm, every number from this run."""
+    full = next((a["teacher_gflops_full"] for a in s["arms"].values() if a.get("teacher_gflops_full")), None)
+    lines = ["", f"MaskedKD demo: {cfg['train_size']} procedural train images x {cfg['epochs']} epochs, top-1 on "
+             f"{cfg['val_size']} val images (10 classes, chance 10%); shipped teacher {s['teacher_acc1']:.1f}%",
+             "",
+             "| student trained with | student top-1 | teacher GFLOPs/img | teacher compute saved | wall time |",
+             "|---|---|---|---|---|"]
+    for arm, a in s["arms"].items():
+        saved = f"{100 * (1 - a['teacher_gflops'] / full):.0f}%" if a["teacher_gflops"] and full else "-"
+        gflops = f"{a['teacher_gflops']:.4f}" if a["teacher_gflops"] else "0 (no teacher)"
+        lines.append(f"| {arm} | {a['student_acc1']:.1f}% | {gflops} | {saved} | {a['seconds']:.0f} s |")
+    lines.append(f"\ntotal {s['seconds']:.0f} s wall, arms run {s['workers']} at a time (one thread each); wall time "
+                 "per arm includes waiting for a core on a busy machine")
     return "\n".join(lines)
-
-
-def _has_cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()

@@ -1,23 +1,46 @@
-"""The demo's pieces at toy size: teacher trained then cached, student distilled with masking, summary printed."""
+"""The demo at toy size: shipped teacher verified, three student arms, one table whose numbers come from the run."""
 import json
 
 import main_maskedkd
+from maskedkd_app import demo
 
-TOY = {"train_size": 128, "val_size": 64, "teacher_epochs": 1, "student_epochs": 1}
+TOY = {"train_size": 128, "val_size": 64, "epochs": 1}
 
 
-def test_demo_end_to_end_and_cached_teacher(tmp_path, capsys):
+def test_demo_table_from_its_own_runs(tmp_path, capsys):
     parser = main_maskedkd.argparse.ArgumentParser(parents=[main_maskedkd.get_args_parser()])
     args = parser.parse_args(["--demo", "--output_dir", str(tmp_path), "--device", "cpu"])
     summary = main_maskedkd.run_demo(args, cfg=TOY)
     out = capsys.readouterr().out
-    assert "[demo] training the teacher" in out and "MaskedKD demo finished" in out
-    assert (tmp_path / "teacher.pth").exists()
-    assert 0.3 < summary["teacher_compute_saved"] < 0.6          # keep 0.5 of an 8x8 grid, fvcore-counted
-    assert summary["teacher_tokens_kept"] == (1 + 32) / (1 + 64)
-    assert json.loads((tmp_path / "demo_summary.json").read_text())["student_acc1"] == summary["student_acc1"]
+    assert "sha256 ok" in out
+    arms = summary["arms"]
+    assert list(arms) == list(demo.ARMS)
+    masked, none, full = arms["MaskedKD, keep 0.5"], arms["no teacher"], arms["full teacher"]
+    # Each arm's numbers are its own run's final log line.
+    for name, a in arms.items():
+        last = json.loads((tmp_path / demo.arm_dir(name) / "log.txt").read_text().splitlines()[-1])
+        assert a["student_acc1"] == last["test_acc1"]
+    assert none["teacher_gflops"] == 0 and full["teacher_gflops"] == full["teacher_gflops_full"] > 0
+    assert masked["teacher_tokens_kept"] == (1 + 32) / (1 + 64)   # keep 0.5 of the 8x8 grid + class token
+    saved = 1 - masked["teacher_gflops"] / full["teacher_gflops"]
+    assert 0.3 < saved < 0.6
+    # The table prints every arm with its top-1, GFLOPs and the saving computed from them.
+    for name, a in arms.items():
+        assert f"| {name} | {a['student_acc1']:.1f}% |" in out
+    assert f"| {100 * saved:.0f}% |" in out and "0 (no teacher)" in out
+    assert f"shipped teacher {summary['teacher_acc1']:.1f}%" in out
+    assert json.loads((tmp_path / "demo_summary.json").read_text())["arms"]["no teacher"]["student_acc1"] == \
+        none["student_acc1"]
 
-    again = main_maskedkd.run_demo(args, cfg=TOY)  # teacher cached, student run already finished
-    out = capsys.readouterr().out
-    assert "using cached teacher" in out and "training the teacher" not in out
-    assert again["student_acc1"] == summary["student_acc1"]
+
+def test_demo_threads_leave_busy_cores_alone(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(demo.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+    assert demo.demo_threads() == 1
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (6.0, 0.0, 0.0))
+    assert demo.demo_threads() == 1
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert demo.demo_threads() == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert demo.demo_threads() == 3
