@@ -1,39 +1,50 @@
 """Reproduce the MaskedKD claim at small scale: ``python -m maskedkd_app.reproduce``.
 
-One teacher is trained with the project's own training code, then a smaller student is distilled under every arm
-(no KD, full-teacher KD, student-attention masks, random masks, teacher-attention masks) with the same schedule
-and several seeds. Results go to REPRODUCTION.md (table + the command) and a JSON file beside it.
+The teacher is the one that ships with the project (``maskedkd_app/assets``, trained with the project's own
+training code; ``--retrain-teacher`` trains one from the preset instead, as the gpu preset always does). A smaller
+student is distilled under every arm (no KD, full-teacher KD, student-attention masks, random masks,
+teacher-attention masks, a keep-ratio warm-up, ViTKD) with the same schedule and several seeds. Beside the table:
+the masked teacher's own accuracy and output entropy per criterion and keep ratio (paper Fig. 2 left), student
+accuracy per epoch (Fig. 3) and keep-frequency heat maps per epoch for every seed (Fig. 4/5). Finished runs are
+recorded in ``<output-dir>/runs.json`` and reported instead of retrained, so an interrupted call continues.
+Results go to REPRODUCTION.md (tables + the command), PNGs beside it, and JSON under the output directory.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-# name -> (distillation type, mask mode, keep ratio); 'teacher' is analysis only: it costs a full teacher pass.
+# name -> (distillation type, mask mode, keep ratio, extra flags); 'teacher' is analysis only: it costs a full
+# teacher pass. The keep warm-up anneals 1.0 -> 0.5 over the first third of training (--keep-schedule).
 ARMS: Dict[str, tuple] = {
-    "no KD": ("none", "none", 1.0),
-    "full-teacher KD": ("soft", "none", 1.0),
-    "MaskedKD attention, keep 0.5": ("soft", "attention", 0.5),
-    "MaskedKD attention, keep 0.25": ("soft", "attention", 0.25),
-    "random mask, keep 0.5": ("soft", "random", 0.5),
-    "random mask, keep 0.25": ("soft", "random", 0.25),
-    "teacher-attention mask, keep 0.5 (analysis)": ("soft", "teacher", 0.5),
+    "no KD": ("none", "none", 1.0, []),
+    "full-teacher KD": ("soft", "none", 1.0, []),
+    "MaskedKD attention, keep 0.5": ("soft", "attention", 0.5, []),
+    "MaskedKD attention, keep 0.25": ("soft", "attention", 0.25, []),
+    "random mask, keep 0.5": ("soft", "random", 0.5, []),
+    "random mask, keep 0.25": ("soft", "random", 0.25, []),
+    "teacher-attention mask, keep 0.5 (analysis)": ("soft", "teacher", 0.5, []),
+    "MaskedKD 0.5 with keep warm-up from 1.0": ("soft", "attention", 0.5, ["--keep-schedule", "linear"]),
+    "ViTKD + full KD": ("soft", "none", 1.0, ["--feature-kd", "vitkd"]),
+    "ViTKD + MaskedKD 0.5": ("soft", "attention", 0.5, ["--feature-kd", "vitkd"]),
 }
 
 PRESETS = {
-    # 2-core CPU, under an hour: 32 px, 8x8 patch grid, small ViTs.
-    "cpu": {"img": 32, "patch": 4, "train": 4000, "val": 1000, "batch": 64, "teacher_epochs": 20,
-            "student_epochs": 8, "workers": 1,
-            "teacher": ["vit_small_patch16_224", "embed_dim=96", "depth=4", "num_heads=3"],
+    # 2-core CPU: 32 px, 8x8 patch grid, the shipped teacher (its architecture is in its JSON record), a small
+    # ViT student; one thread per run (runs are sequential), data made in-process.
+    "cpu": {"img": 32, "patch": 4, "train": 5000, "val": 1000, "batch": 64, "student_epochs": 20, "workers": 0,
+            "lr": 1e-3, "warmup": 0, "tau": 1.0, "teacher": "shipped",
             "student": ["deit_tiny_patch16_224", "embed_dim=64", "depth=3", "num_heads=2"]},
     # One GPU: 64 px, 16x16 grid, the DeiT-S/Ti shapes at reduced depth, more data and epochs.
     "gpu": {"img": 64, "patch": 4, "train": 50000, "val": 5000, "batch": 256, "teacher_epochs": 40,
-            "student_epochs": 30, "workers": 8,
+            "student_epochs": 30, "workers": 8, "lr": 1e-3, "warmup": 1, "tau": 1.0,
             "teacher": ["vit_small_patch16_224", "embed_dim=384", "depth=8", "num_heads=6"],
             "student": ["deit_tiny_patch16_224", "embed_dim=192", "depth=6", "num_heads=3"]},
 }
@@ -44,7 +55,21 @@ def _common(p: Dict, device: str, out: Path) -> List[str]:
             "--procedural-train-size", str(p["train"]), "--procedural-val-size", str(p["val"]),
             "--num_workers", str(p["workers"]), "--device", device, "--mixup", "0", "--cutmix", "0", "--reprob", "0",
             "--smoothing", "0", "--drop-path", "0", "--no-model-ema", "--no-repeated-aug", "--unscale-lr",
-            "--lr", "1e-3", "--warmup-epochs", "1", "--cooldown-epochs", "0", "--print-freq", "50"]
+            "--lr", str(p.get("lr", 1e-3)), "--warmup-epochs", str(p.get("warmup", 0)), "--cooldown-epochs", "0",
+            "--print-freq", "50"]
+
+
+def _teacher_flags(p: Dict, teacher_path: Path) -> List[str]:
+    if p["teacher"] == "shipped":
+        from . import shipped_teacher
+        return shipped_teacher.teacher_flags(shipped_teacher.read_meta(teacher_path.with_suffix(".json")),
+                                             weights=teacher_path)
+    # Trained here on the data pipeline's (ImageNet) statistics: say so, or the loss would trust timm's
+    # pretrained_cfg for the architecture (0.5/0.5 for vit_*) and re-normalise the teacher's input.
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    return _model(p["teacher"], p["patch"], teacher=True) + [
+        "--teacher-path", str(teacher_path), "--teacher-mean", *map(str, IMAGENET_DEFAULT_MEAN),
+        "--teacher-std", *map(str, IMAGENET_DEFAULT_STD)]
 
 
 def _model(spec: List[str], patch: int, *, teacher: bool = False) -> List[str]:
@@ -54,13 +79,13 @@ def _model(spec: List[str], patch: int, *, teacher: bool = False) -> List[str]:
 
 def arm_argv(arm: str, *, p: Dict, seed: int, device: str, out: Path, teacher_path: Path,
              mask_vis: Optional[Path]) -> List[str]:
-    kind, mode, keep = ARMS[arm]
+    kind, mode, keep, extra = ARMS[arm]
     argv = _common(p, device, out) + _model(p["student"], p["patch"]) + [
         "--epochs", str(p["student_epochs"]), "--seed", str(seed), "--output_dir", str(out)]
     if kind != "none":
-        argv += _model(p["teacher"], p["patch"], teacher=True) + [
-            "--teacher-path", str(teacher_path), "--distillation-type", kind, "--distillation-alpha", "0.5",
-            "--distillation-tau", "1.0", "--kd-reduction", "batchmean", "--mask-mode", mode, "--keep-ratio", str(keep)]
+        argv += _teacher_flags(p, teacher_path) + [
+            "--distillation-type", kind, "--distillation-alpha", "0.5", "--distillation-tau", str(p.get("tau", 1.0)),
+            "--kd-reduction", "batchmean", "--mask-mode", mode, "--keep-ratio", str(keep)] + list(extra)
     if mask_vis is not None:
         argv += ["--mask-vis", str(mask_vis)]
     return argv
@@ -77,20 +102,37 @@ def _run(argv: List[str]) -> Dict:
     return main_maskedkd.main(_parse(argv))
 
 
-def train_teacher(p: Dict, *, device: str, root: Path) -> Dict:
-    target = root / "teacher.pth"
-    info = root / "teacher.json"
-    if target.exists() and info.exists():
+def ensure_teacher(p: Dict, *, device: str, root: Path, retrain: bool = False) -> Dict:
+    """The teacher record ``{"acc1", "command", "path", ...}``: the shipped one unless asked to retrain.
+
+    The cpu preset retrains by rerunning the shipped teacher's recorded command; other presets train their own.
+    A teacher trained here is cached under ``root`` and reused by the next call.
+    """
+    from . import shipped_teacher
+    if p["teacher"] == "shipped" and not retrain:
+        info = shipped_teacher.verify()
+        return {"acc1": info["val_acc1"], "command": info["command"], "path": str(shipped_teacher.WEIGHTS),
+                "shipped": True, "sha256": info["sha256"]}
+    if p["teacher"] == "shipped":
+        weights, meta = root / "teacher.safetensors", root / "teacher.json"
+        if not (weights.exists() and meta.exists()):
+            shipped_teacher.retrain(root / "teacher", weights=weights, meta=meta,
+                                    argv=shipped_teacher.read_meta()["argv"])
+        info = shipped_teacher.verify(weights, meta)
+        return {"acc1": info["val_acc1"], "command": info["command"], "path": str(weights), "shipped": False}
+    target, record = root / "teacher.pth", root / "teacher_run.json"
+    if target.exists() and record.exists():
         print(f"[reproduce] using cached teacher {target}")
-        return json.loads(info.read_text())
+        return json.loads(record.read_text())
     from .checkpoint import extract_state_dict, read_checkpoint, save_atomic
     argv = _common(p, device, root) + _model(p["teacher"], p["patch"]) + [
         "--epochs", str(p["teacher_epochs"]), "--seed", "0", "--output_dir", str(root / "teacher")]
     start = time.time()
     stats = _run(argv)
     save_atomic({"model": extract_state_dict(read_checkpoint(root / "teacher" / "checkpoint.pth"))}, target)
-    result = {"acc1": stats["test_acc1"], "seconds": time.time() - start, "argv": argv}
-    info.write_text(json.dumps(result, indent=1))
+    result = {"acc1": stats["test_acc1"], "seconds": time.time() - start, "argv": argv, "path": str(target),
+              "command": "python main_maskedkd.py " + " ".join(argv), "shipped": False}
+    record.write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -101,33 +143,56 @@ def training_gflops(stats: Dict, *, images_per_epoch: int, epochs: int) -> float
     return (student + teacher) * images_per_epoch * epochs
 
 
-def run(preset: str, p: Dict, *, seeds: List[int], arms: List[str], device: str, root: Path, mask_vis: bool) -> Dict:
+def slug(arm: str) -> str:
+    return arm.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "").replace(".", "")
+
+
+def _epoch_accuracies(out: Path) -> List[float]:
+    log = out / "log.txt"
+    if not log.exists():
+        return []
+    return [json.loads(line)["test_acc1"] for line in log.read_text().splitlines() if line.strip()]
+
+
+def run(preset: str, p: Dict, *, seeds: List[int], arms: List[str], device: str, root: Path, mask_vis: bool,
+        retrain_teacher: bool = False, deadline: Optional[float] = None) -> Dict:
+    """Every (arm, seed) run not yet in ``root/runs.json``, in order; stops starting runs after ``deadline``."""
     root.mkdir(parents=True, exist_ok=True)
-    teacher = train_teacher(p, device=device, root=root)
+    teacher = ensure_teacher(p, device=device, root=root, retrain=retrain_teacher)
     results: Dict[str, List[Dict]] = {}
     done_file = root / "runs.json"
     done = json.loads(done_file.read_text()) if done_file.exists() else {}
-    for arm in arms:
-        for seed in seeds:
+    skipped = []
+    for seed in seeds:  # seed-major: an interrupted call leaves every arm with the same seeds done
+        for arm in arms:
             key = f"{arm} | seed {seed}"
             if key in done:  # an interrupted experiment continues where it stopped
+                done[key]["seed"] = seed
                 results.setdefault(arm, []).append(done[key])
                 continue
-            slug = arm.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "").replace(".", "")
-            vis = root / "masks" / slug if mask_vis and seed == seeds[0] and ARMS[arm][1] != "none" else None
+            if deadline is not None and time.time() > deadline:
+                skipped.append(key)
+                continue
+            vis = root / "masks" / slug(arm) / f"seed{seed}" if mask_vis and ARMS[arm][1] != "none" else None
+            out = root / slug(arm) / f"seed{seed}"
             start = time.time()
-            stats = _run(arm_argv(arm, p=p, seed=seed, device=device, out=root / slug / f"seed{seed}",
-                                  teacher_path=root / "teacher.pth", mask_vis=vis))
+            stats = _run(arm_argv(arm, p=p, seed=seed, device=device, out=out, teacher_path=Path(teacher["path"]),
+                                  mask_vis=vis))
             if ARMS[arm][0] == "none":  # the student's own FLOPs, counted the same way for the no-KD arm
                 stats.update(_student_only_cost(p))
-            record = {"acc1": stats["test_acc1"], "max_acc1": stats["max_accuracy"], "seconds": time.time() - start,
-                      "teacher_gflops": stats.get("teacher_gflops_per_img", 0.0),
+            record = {"seed": seed, "acc1": stats["test_acc1"], "max_acc1": stats["max_accuracy"],
+                      "seconds": time.time() - start, "teacher_gflops": stats.get("teacher_gflops_per_img", 0.0),
                       "train_gflops": training_gflops(stats, images_per_epoch=p["train"] // p["batch"] * p["batch"],
-                                                      epochs=p["student_epochs"])}
-            done[key] = record
-            done_file.write_text(json.dumps(done, indent=1))
+                                                      epochs=p["student_epochs"]),
+                      "acc_per_epoch": _epoch_accuracies(out)}
+            # Re-read before writing: another call may share the output directory (arms split over processes).
+            done = {**(json.loads(done_file.read_text()) if done_file.exists() else {}), key: record}
+            tmp = done_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(done, indent=1))
+            os.replace(tmp, done_file)
             results.setdefault(arm, []).append(record)
-    return {"preset": preset, "params": p, "teacher": teacher, "seeds": seeds, "results": results}
+    return {"preset": preset, "params": p, "teacher": teacher, "seeds": seeds, "results": results,
+            "not_run": skipped}
 
 
 def _student_only_cost(p: Dict) -> Dict:
@@ -145,31 +210,179 @@ def _mean_std(values: List[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+ANALYSIS_KEEPS = (1.0, 0.75, 0.5, 0.25, 0.125)
+ANALYSIS_MODES = ("attention", "random", "teacher")
+
+
+def masked_teacher_analysis(p: Dict, *, teacher_path: Path, student_dir: Path, num_images: int,
+                            keeps=ANALYSIS_KEEPS, modes=ANALYSIS_MODES, batch_size: int = 250) -> Dict:
+    """The masked teacher's own top-1 and mean output entropy (tau 1, nats) on val images, per criterion and keep.
+
+    Paper Fig. 2 (left). 'attention' masks by a trained student's class-token attention (the student in
+    ``student_dir``), 'teacher' by the teacher's own, 'random' uniformly. Also the KL from the full teacher's
+    output to the masked one: how far the masked target moves from the full one.
+    """
+    import torch
+    import timm
+    import main_maskedkd
+    from .checkpoint import extract_state_dict, read_checkpoint
+    from .data import build_dataset
+    args = _parse(arm_argv("MaskedKD attention, keep 0.5", p=p, seed=0, device="cpu", out=student_dir,
+                           teacher_path=teacher_path, mask_vis=None))
+    args.procedural_val_size = num_images
+    teacher = main_maskedkd.create_teacher(args, 10).eval()
+    student = timm.create_model(args.model, pretrained=False, num_classes=10, img_size=args.input_size,
+                                **args.model_kwargs)
+    student.load_state_dict(extract_state_dict(read_checkpoint(str(student_dir / "checkpoint.pth"))))
+    student.train()  # the attention hook reads training forwards; drop-path and dropout are 0 in these runs
+    data, _ = build_dataset(is_train=False, args=args)
+    batches = []
+    for start in range(0, len(data), batch_size):
+        items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+        batches.append((torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])))
+    torch.manual_seed(0)
+    results: Dict[str, Dict[str, Dict[str, float]]] = {}
+    full_probs = []
+    with torch.no_grad():
+        for x, _ in batches:
+            full_probs.append(teacher(x).softmax(-1))
+        for mode in modes:
+            for keep in keeps:
+                args.mask_mode, args.keep_ratio = mode, keep
+                criterion = main_maskedkd.build_criterion(args, model=student, teacher=teacher, mixup_active=False)
+                correct, entropy, kl = 0, 0.0, 0.0
+                for (x, y), full in zip(batches, full_probs):
+                    with torch.enable_grad():  # the hook records training forwards only (train mode, grad on)
+                        student(x)
+                    probs = criterion.teacher_logits(x).softmax(-1)
+                    correct += int((probs.argmax(-1) == y).sum())
+                    entropy += float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).sum())
+                    kl += float((full * (full.clamp_min(1e-12).log() - probs.clamp_min(1e-12).log())).sum(-1).sum())
+                criterion.remove_hooks()
+                results.setdefault(mode, {})[str(keep)] = {"acc1": 100.0 * correct / len(data),
+                                                           "entropy": entropy / len(data), "kl_from_full": kl / len(data)}
+    return results
+
+
+def heatmap_strip(mask_dir: Path, png: Path, *, title: str) -> Optional[Path]:
+    """One PNG per run: the keep frequency of every teacher patch, one panel per epoch (paper Fig. 4/5)."""
+    files = sorted(mask_dir.glob("keepfreq_epoch*.json"))
+    if not files:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    fig, axes = plt.subplots(1, len(files), figsize=(1.4 * len(files), 1.9), squeeze=False)
+    for ax, f in zip(axes[0], files):
+        d = json.loads(f.read_text())
+        freq = np.asarray(d["counts"], dtype=float).reshape(d["grid"]) / max(1, d["images"])
+        ax.imshow(freq, vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(f"ep {int(f.stem[-3:])}", fontsize=7)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=8)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    return png
+
+
+def _fmt(values: List[float]) -> str:
+    return " / ".join(f"{v:.1f}" for v in values)
+
+
 def write_report(summary: Dict, path: Path, command: str) -> str:
     p = summary["params"]
+    t = summary["teacher"]
+    teacher_text = (f"the shipped teacher (`maskedkd_app/assets`, top-1 {t['acc1']:.2f}% on its 2000 val images; "
+                    f"trained by `{t['command']}`)" if t.get("shipped") else
+                    f"a teacher trained for this run (top-1 {t['acc1']:.2f}%; `{t.get('command', '')}`)")
+    student = " ".join(p["student"])
     lines = [
         "# MaskedKD at small scale: reproduction", "",
         f"Command: `{command}`", "",
         f"Preset `{summary['preset']}`: procedural dataset (10 classes of small objects among clutter), "
         f"{p['img']} px, patch {p['patch']} ({(p['img'] // p['patch']) ** 2} patches), {p['train']} train / "
-        f"{p['val']} val images, batch {p['batch']}. Teacher `{' '.join(p['teacher'])}` trained {p['teacher_epochs']} "
-        f"epochs: top-1 {summary['teacher']['acc1']:.2f}%. Student `{' '.join(p['student'])}`, "
-        f"{p['student_epochs']} epochs, soft KD (alpha 0.5, tau 1, batchmean), seeds {summary['seeds']}.", "",
-        "| arm | student top-1 (final, mean ± std) | best-epoch top-1 | teacher GFLOPs/img | training GFLOPs (total) | wall time/run (s) |",
-        "|---|---|---|---|---|---|",
+        f"{p['val']} val images, batch {p['batch']}, lr {p.get('lr')}, warm-up epochs {p.get('warmup')}. "
+        f"Teacher: {teacher_text}. Student `{student}` (patch {p['patch']}), {p['student_epochs']} epochs, soft KD "
+        f"(alpha 0.5, tau {p.get('tau', 1.0)}, batchmean). Seeds {summary['seeds']}.", "",
+        "## Student top-1 per arm", "",
+        "| arm | top-1 per seed (final epoch) | mean ± std | best epoch, per seed | teacher GFLOPs/img | "
+        "training GFLOPs (total) | wall time/run (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for arm, records in summary["results"].items():
-        lines.append(f"| {arm} | {_mean_std([r['acc1'] for r in records])} | "
-                     f"{_mean_std([r['max_acc1'] for r in records])} | "
+        lines.append(f"| {arm} | {_fmt([r['acc1'] for r in records])} (seeds {[r.get('seed') for r in records]}) | "
+                     f"{_mean_std([r['acc1'] for r in records])} | {_fmt([r['max_acc1'] for r in records])} | "
                      f"{statistics.mean(r['teacher_gflops'] for r in records):.4f} | "
                      f"{statistics.mean(r['train_gflops'] for r in records):.1f} | "
                      f"{statistics.mean(r['seconds'] for r in records):.0f} |")
-    lines += ["", "Teacher GFLOPs/img are fvcore counts of the pruned forward the arm runs. The teacher-attention arm "
-              "adds a full teacher pass to choose its mask, so it costs more than full KD: it is an analysis "
-              "reference, not a saving.", ""]
+    lines += ["", "Teacher GFLOPs/img are fvcore counts of the pruned forward the arm runs (the keep warm-up arm: "
+              "averaged over its epochs). The teacher-attention arm adds a full teacher pass to choose its mask, so "
+              "it costs more than full KD: it is an analysis reference, not a saving."]
+    if summary.get("not_run"):
+        lines += ["", f"**Not run** (time budget reached): {', '.join(summary['not_run'])}. Finish with "
+                  f"`{summary.get('finish_command', command)}` (finished runs are reported, not retrained)."]
+    curves = {arm: [r["acc_per_epoch"] for r in recs if r.get("acc_per_epoch")]
+              for arm, recs in summary["results"].items()}
+    curves = {arm: c for arm, c in curves.items() if c}
+    if curves:
+        epochs = min(len(c) for cs in curves.values() for c in cs)
+        lines += ["", "## Student top-1 per epoch (mean over seeds; paper Fig. 3)", "",
+                  "| arm | " + " | ".join(f"ep {e}" for e in range(epochs)) + " |",
+                  "|---|" + "---|" * epochs]
+        for arm, cs in curves.items():
+            lines.append(f"| {arm} | " + " | ".join(f"{statistics.mean(c[e] for c in cs):.1f}"
+                                                     for e in range(epochs)) + " |")
+    analysis = summary.get("masked_teacher")
+    if analysis:
+        keeps = list(next(iter(analysis.values())).keys())
+        lines += ["", f"## The masked teacher itself (paper Fig. 2 left), {summary.get('analysis_images')} val "
+                  "images", "",
+                  "Top-1 / mean output entropy (nats, tau 1) / KL(full teacher || masked teacher) per mask "
+                  "criterion and keep ratio. 'attention': the trained student's class-token attention (MaskedKD "
+                  "keep 0.5 arm, first seed); 'teacher': the teacher's own; keep 1.0 is the full teacher.", "",
+                  "| criterion | " + " | ".join(f"keep {k}" for k in keeps) + " |", "|---|" + "---|" * len(keeps)]
+        for mode, row in analysis.items():
+            lines.append(f"| {mode} | " + " | ".join(
+                f"{row[k]['acc1']:.1f}% / {row[k]['entropy']:.3f} / {row[k]['kl_from_full']:.3f}" for k in keeps) + " |")
+    figures = summary.get("figures") or {}
+    if figures:
+        lines += ["", "## Keep-frequency heat maps per epoch (paper Fig. 4/5)", "",
+                  "How often each teacher patch was kept over an epoch's training images (yellow: always, purple: "
+                  "never); one panel per epoch."]
+        for name, png in figures.items():
+            lines.append(f"- {name}: ![{name}]({png})")
+    lines.append("")
     text = "\n".join(lines)
     path.write_text(text + summary.get("findings", ""))
     return text
+
+
+def _analyses(summary: Dict, p: Dict, *, root: Path, report: Path, num_images: int) -> None:
+    """Fig. 2 (masked teacher) and Fig. 4/5 (heat map PNGs beside the report), from the finished runs."""
+    arm = "MaskedKD attention, keep 0.5"
+    seeds = [r["seed"] for r in summary["results"].get(arm, [])]
+    if seeds and num_images:
+        student_dir = root / slug(arm) / f"seed{seeds[0]}"
+        cache = root / "masked_teacher.json"
+        key = f"{student_dir} | {num_images}"
+        cached = json.loads(cache.read_text()) if cache.exists() else {}
+        if key not in cached:
+            cached[key] = masked_teacher_analysis(p, teacher_path=Path(summary["teacher"]["path"]),
+                                                  student_dir=student_dir, num_images=num_images)
+            cache.write_text(json.dumps(cached, indent=1))
+        summary["masked_teacher"], summary["analysis_images"] = cached[key], num_images
+    fig_dir = report.parent / f"{report.stem.lower()}_figures"
+    figures = {}
+    for arm_name, records in summary["results"].items():
+        for r in records:
+            mask_dir = root / "masks" / slug(arm_name) / f"seed{r['seed']}"
+            png = heatmap_strip(mask_dir, fig_dir / f"{slug(arm_name)}_seed{r['seed']}.png",
+                                title=f"{arm_name}, seed {r['seed']}")
+            if png is not None:
+                figures[f"{arm_name}, seed {r['seed']}"] = str(png.relative_to(report.parent))
+    summary["figures"] = figures
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -181,6 +394,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--output-dir", default="output/reproduce")
     parser.add_argument("--report", default="REPRODUCTION.md")
     parser.add_argument("--no-mask-vis", action="store_true")
+    parser.add_argument("--retrain-teacher", action="store_true",
+                        help="train the teacher (cpu preset: the shipped teacher's recorded command) instead of "
+                             "using the shipped one")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="start no new run after this many minutes; rerun the same command to continue")
+    parser.add_argument("--analysis-images", type=int, default=1000,
+                        help="val images for the masked-teacher analysis (0: skip it)")
+    parser.add_argument("--findings", default="", help="a Markdown file appended to the report (interpretation)")
     parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                         help="change a preset value, e.g. train=1000 student_epochs=2 (smoke runs)")
     args = parser.parse_args(argv)
@@ -189,12 +410,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         key, value = item.split("=", 1)
         preset[key] = type(preset[key])(value)
     start = time.time()
-    summary = run(args.preset, preset, seeds=args.seeds, arms=args.arms, device=args.device, root=Path(args.output_dir),
-                  mask_vis=not args.no_mask_vis)
+    root, report = Path(args.output_dir), Path(args.report)
+    summary = run(args.preset, preset, seeds=args.seeds, arms=args.arms, device=args.device, root=root,
+                  mask_vis=not args.no_mask_vis, retrain_teacher=args.retrain_teacher,
+                  deadline=None if args.max_minutes is None else start + 60 * args.max_minutes)
+    _analyses(summary, preset, root=root, report=report, num_images=args.analysis_images)
     summary["total_seconds"] = time.time() - start
+    if args.findings:
+        summary["findings"] = "\n" + Path(args.findings).read_text()
     Path(args.output_dir, "summary.json").write_text(json.dumps(summary, indent=1))
-    command = "python -m maskedkd_app.reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(write_report(summary, Path(args.report), command.strip()))
+    given = list(argv if argv is not None else sys.argv[1:])
+    command = "python -m maskedkd_app.reproduce " + shlex.join(given)
+    if summary.get("not_run"):  # the same call without the time budget trains what is left
+        at = given.index("--max-minutes") if "--max-minutes" in given else None
+        rest = given[:at] + given[at + 2:] if at is not None else given
+        summary["finish_command"] = "python -m maskedkd_app.reproduce " + shlex.join(rest)
+    print(write_report(summary, report, command.strip()))
     return 0
 
 

@@ -42,21 +42,46 @@ def test_mask_vis_from_training_run(tmp_path):
 
 def test_reproduce_writes_report(tmp_path):
     report = tmp_path / "R.md"
-    arms = ["no KD", "MaskedKD attention, keep 0.5", "random mask, keep 0.25"]
+    arms = ["no KD", "MaskedKD attention, keep 0.5", "random mask, keep 0.25",
+            "MaskedKD 0.5 with keep warm-up from 1.0"]
+    small = ["--override", "train=64", "val=32", "student_epochs=2", "batch=32", "--analysis-images", "40"]
     code = reproduce.main(["--seeds", "0", "--arms", *arms, "--output-dir", str(tmp_path / "run"),
-                           "--report", str(report), "--override", "train=64", "val=32", "teacher_epochs=1",
-                           "student_epochs=1", "batch=32", "workers=0"])
+                           "--report", str(report)] + small)
     assert code == 0
     text = report.read_text()
     for arm in arms:
         assert f"| {arm} |" in text
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["teacher"]["shipped"] and "python main_maskedkd.py" in text
     masked = summary["results"]["MaskedKD attention, keep 0.5"][0]
     assert 0 < masked["teacher_gflops"] and summary["results"]["no KD"][0]["teacher_gflops"] == 0
-    assert (tmp_path / "run" / "masks" / "MaskedKD_attention_keep_05" / "keepfreq_epoch000.png").exists()
+    assert len(masked["acc_per_epoch"]) == 2 and masked["acc_per_epoch"][-1] == masked["acc1"]
+    warm = summary["results"]["MaskedKD 0.5 with keep warm-up from 1.0"][0]
+    assert masked["teacher_gflops"] < warm["teacher_gflops"]          # epoch 0 ran the teacher on every patch
+    assert (tmp_path / "run" / "masks" / "MaskedKD_attention_keep_05" / "seed0" / "keepfreq_epoch001.png").exists()
+    # Fig. 2: the full teacher (keep 1.0) is the same model whatever the criterion; masking changes its output.
+    fig2 = summary["masked_teacher"]
+    assert fig2["random"]["1.0"]["acc1"] == fig2["attention"]["1.0"]["acc1"] == fig2["teacher"]["1.0"]["acc1"]
+    assert fig2["attention"]["1.0"]["kl_from_full"] == pytest.approx(0.0, abs=1e-5)
+    assert fig2["random"]["0.125"]["kl_from_full"] > 0
+    assert "paper Fig. 2 left" in text and "paper Fig. 3" in text
+    png = tmp_path / summary["figures"]["MaskedKD attention, keep 0.5, seed 0"]
+    assert png.exists() and f"]({png.relative_to(tmp_path)})" in text
     # A second call reuses the finished runs instead of training again.
     before = (tmp_path / "run" / "runs.json").stat().st_mtime_ns
-    reproduce.main(["--seeds", "0", "--arms", *arms, "--output-dir", str(tmp_path / "run"), "--report", str(report),
-                    "--override", "train=64", "val=32", "teacher_epochs=1", "student_epochs=1", "batch=32",
-                    "workers=0"])
+    reproduce.main(["--seeds", "0", "--arms", *arms, "--output-dir", str(tmp_path / "run"), "--report", str(report)]
+                   + small)
     assert (tmp_path / "run" / "runs.json").stat().st_mtime_ns == before
+
+
+def test_time_budget_leaves_the_rest_for_the_next_call(tmp_path):
+    report = tmp_path / "R.md"
+    argv = ["--seeds", "0", "1", "--arms", "no KD", "--output-dir", str(tmp_path / "run"), "--report", str(report),
+            "--override", "train=64", "val=32", "student_epochs=1", "batch=32", "--analysis-images", "0"]
+    reproduce.main(argv + ["--max-minutes", "0"])   # a spent budget starts nothing
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["results"] == {} and summary["not_run"] == ["no KD | seed 0", "no KD | seed 1"]
+    assert "**Not run**" in report.read_text()
+    reproduce.main(argv)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [r["seed"] for r in summary["results"]["no KD"]] == [0, 1] and not summary["not_run"]
