@@ -273,8 +273,12 @@ def heatmap_strip(mask_dir: Path, png: Path, *, title: str) -> Optional[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    fig, axes = plt.subplots(1, len(files), figsize=(1.4 * len(files), 1.9), squeeze=False)
-    for ax, f in zip(axes[0], files):
+    cols = min(10, len(files))
+    rows = -(-len(files) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.6 * rows + 0.4), squeeze=False)
+    for ax in axes.flat[len(files):]:
+        ax.axis("off")
+    for ax, f in zip(axes.flat, files):
         d = json.loads(f.read_text())
         freq = np.asarray(d["counts"], dtype=float).reshape(d["grid"]) / max(1, d["images"])
         ax.imshow(freq, vmin=0, vmax=1, cmap="viridis")
