@@ -39,7 +39,7 @@ from maskedkd_app.engine import NonFiniteLossError, evaluate, train_one_epoch
 from maskedkd_app.keep_schedule import KeepSchedule
 from maskedkd_app import preflight
 from deit_patch.masking import KEEP_SCHEDULES, MASK_MODES
-from deit_patch.teacher_input import TeacherInputError
+from deit_patch.teacher_input import TeacherInputError, model_stats
 from deit_patch.teachers import UnsupportedTeacherError, find_family, teacher_grid
 from losses import MaskedDistillationLoss
 
@@ -240,6 +240,7 @@ def build_criterion(args, *, model, teacher, mixup_active: bool):
         # MaskedKD by default where the teacher can be masked; DeiT's unmasked loss for a CNN teacher.
         keep_ratio = 0.5 if teacher is not None and find_family(teacher) is not None else 1.0
     mean, std = data_stats(args)
+    check_teacher_stats(args, teacher=teacher, data_mean=mean, data_std=std)
     return MaskedDistillationLoss(
         base, teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau, student=model,
         keep_ratio=keep_ratio, num_keep=num_keep, mask_mode=args.mask_mode, kd_reduction=args.kd_reduction,
@@ -248,6 +249,30 @@ def build_criterion(args, *, model, teacher, mixup_active: bool):
         feature_kd=None if getattr(args, "feature_kd", "none") == "none" else args.feature_kd,
         vitkd_alpha=args.vitkd_alpha, vitkd_beta=args.vitkd_beta, vitkd_mask_ratio=args.vitkd_mask_ratio,
         vitkd_layers=tuple(args.vitkd_layers))
+
+
+def check_teacher_stats(args, *, teacher, data_mean, data_std) -> None:
+    """Refuse to guess the input statistics of weights loaded from --teacher-path.
+
+    timm's config for a model name describes timm's own hub weights (``vit_*``: 0.5/0.5), not a file the user trained
+    or downloaded elsewhere. When it disagrees with the data pipeline's statistics, either may be right, and the wrong
+    one silently costs the teacher accuracy (measured: 81.8% -> 51.3% on the shipped procedural teacher): ask.
+    """
+    if teacher is None or args.distillation_type == "none" or not args.teacher_path:
+        return
+    if args.teacher_mean is not None or args.teacher_std is not None:
+        return
+    cfg = model_stats(teacher)
+    data = (tuple(float(v) for v in data_mean), tuple(float(v) for v in data_std))
+    if cfg is None or all(abs(a - b) < 1e-6 for a, b in zip(cfg[0] + cfg[1], data[0] + data[1])):
+        return
+    fmt = lambda v: " ".join(f"{x:g}" for x in v)
+    raise preflight.RunError(
+        f"--teacher-model {args.teacher_model}: timm's config says its inputs are normalised with mean {fmt(cfg[0])} "
+        f"std {fmt(cfg[1])}, the data pipeline uses mean {fmt(data[0])} std {fmt(data[1])}, and the weights come from "
+        f"--teacher-path {args.teacher_path}, whose statistics cannot be read from the file: say which with "
+        f"--teacher-mean/--teacher-std (the data's, '--teacher-mean {fmt(data[0])} --teacher-std {fmt(data[1])}', "
+        "if the teacher was trained with this pipeline)")
 
 
 def _checked_criterion(args, **kwargs):

@@ -28,7 +28,7 @@ from maskedkd_app.data import BAD_IMAGES_LOG, count_bad_images
 
 STUDENT = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "depth=2", "embed_dim=64",
            "num_heads=2"]
-TEACHER = ["--teacher-model", "vit_small_patch16_224", "--teacher-kwargs", "patch_size=8", "depth=2",
+TEACHER = ["--teacher-model", "deit_small_patch16_224", "--teacher-kwargs", "patch_size=8", "depth=2",
            "embed_dim=96", "num_heads=2"]
 RUN = ["--input-size", "32", "--batch-size", "8", "--epochs", "1", "--num_workers", "0", "--device", "cpu",
        "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--no-model-ema", "--print-freq", "1", "--no-flops",
@@ -95,8 +95,8 @@ def test_misspelt_model_suggests_close_names(capsys):
 
 
 def test_misspelt_teacher_model_suggests_close_names(teacher_ckpt, capsys):
-    argv = set_flag(FAST + STUDENT + distil(teacher_ckpt), "--teacher-model", "vit_smal_patch16_224")
-    refused(argv, capsys, "--teacher-model 'vit_smal_patch16_224'", "vit_small_patch16_224")
+    argv = set_flag(FAST + STUDENT + distil(teacher_ckpt), "--teacher-model", "deit_smal_patch16_224")
+    refused(argv, capsys, "--teacher-model 'deit_smal_patch16_224'", "deit_small_patch16_224")
 
 
 def test_unknown_model_kwarg_suggests_the_argument(capsys):
@@ -106,7 +106,7 @@ def test_unknown_model_kwarg_suggests_the_argument(capsys):
 
 def test_unknown_teacher_kwarg_suggests_the_argument(teacher_ckpt, capsys):
     argv = set_flag(FAST + STUDENT + distil(teacher_ckpt), "--teacher-kwargs", "num_head=2")
-    refused(argv, capsys, "--teacher-model vit_small_patch16_224", "'num_head'", "num_heads", "--teacher-kwargs")
+    refused(argv, capsys, "--teacher-model deit_small_patch16_224", "'num_head'", "num_heads", "--teacher-kwargs")
 
 
 def test_cnn_student_with_masking(teacher_ckpt, capsys):
@@ -409,3 +409,13 @@ def test_image_smaller_than_the_crop_is_named(tmp_path, capsys):
     code, err, _ = run_cli(_folder_args(root) + ["--no-repeated-aug"], capsys)
     assert code == 2 and "Traceback" not in err, err
     assert f"image {small} is 16x16 px" in err and "--input-size" in err
+
+
+def test_teacher_file_statistics_are_asked_for_not_guessed(teacher_ckpt, capsys):
+    # timm's config for vit_small says 0.5/0.5 (its hub weights); the procedural pipeline normalises with
+    # ImageNet's. Weights from a file could be either: the run must ask instead of re-normalising silently.
+    argv = set_flag(FAST + STUDENT + distil(teacher_ckpt), "--teacher-model", "vit_small_patch16_224")
+    refused(argv, capsys, "--teacher-model vit_small_patch16_224", "mean 0.5 0.5 0.5", "--teacher-mean 0.485 0.456 0.406")
+    code, err, out = run_cli(argv + ["--teacher-mean", "0.485", "0.456", "0.406", "--teacher-std", "0.229", "0.224",
+                                     "0.225"], capsys)
+    assert code == 0, err

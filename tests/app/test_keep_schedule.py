@@ -10,7 +10,7 @@ from conftest import tiny
 import main_maskedkd
 from deit_patch.masking import scheduled_keep_ratio
 
-TEACHER = ["--teacher-model", "vit_small_patch16_224", "--teacher-kwargs", "patch_size=8", "depth=2",
+TEACHER = ["--teacher-model", "deit_small_patch16_224", "--teacher-kwargs", "patch_size=8", "depth=2",
            "embed_dim=64", "num_heads=2"]
 RUN = ["--data-set", "PROCEDURAL", "--procedural-train-size", "64", "--procedural-val-size", "32",
        "--input-size", "32", "--batch-size", "16", "--num_workers", "0", "--device", "cpu", "--mixup", "0",

@@ -21,7 +21,7 @@ STUDENT = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "patch_size=8",
            "num_heads=2"]
 DISTILLED = ["--model", "deit_tiny_distilled_patch16_224", "--model-kwargs", "patch_size=8", "depth=2",
              "embed_dim=64", "num_heads=2"]
-TEACHER = ["--teacher-model", "vit_small_patch16_224", "--teacher-kwargs", "patch_size=8", "depth=2",
+TEACHER = ["--teacher-model", "deit_small_patch16_224", "--teacher-kwargs", "patch_size=8", "depth=2",
            "embed_dim=96", "num_heads=2"]
 FAST = ["--input-size", "32", "--batch-size", "8", "--epochs", "1", "--num_workers", "0", "--device", "cpu",
         "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--no-model-ema", "--print-freq", "2", "--no-flops",

@@ -14,7 +14,7 @@ from maskedkd_app.checkpoint import CheckpointError, load_training_state, read_c
 
 STUDENT = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "depth=2", "embed_dim=64",
            "num_heads=2"]
-TEACHER = ["--teacher-model", "vit_small_patch16_224", "--teacher-kwargs", "patch_size=8", "depth=2",
+TEACHER = ["--teacher-model", "deit_small_patch16_224", "--teacher-kwargs", "patch_size=8", "depth=2",
            "embed_dim=96", "num_heads=2"]
 RUN = ["--data-set", "PROCEDURAL", "--procedural-train-size", "48", "--procedural-val-size", "16",
        "--input-size", "32", "--batch-size", "8", "--epochs", "1", "--num_workers", "0", "--device", "cpu",
