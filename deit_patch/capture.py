@@ -125,12 +125,12 @@ def _pair(value) -> Tuple[int, int]:
 def expected_prefix_tokens(model: nn.Module) -> int:
     """Tokens in front of the patches, from the model's attributes (callers verify it against real token counts).
 
-    timm >= 0.6 says ``num_prefix_tokens``; older timm has none, and DeiT's own distilled subclass of timm's ViT adds
-    a ``dist_token`` that its ``num_prefix_tokens`` does not count. The tokens that exist are counted instead:
+    timm >= 0.6 says ``num_prefix_tokens``, timm < 0.6 ``num_tokens``, DeiT's models_v2.py neither; DeiT's distilled
+    subclass of timm's ViT adds a ``dist_token`` that its ``num_prefix_tokens`` does not count. The tokens that exist are counted instead:
     class, distillation and register tokens, and the larger of the two answers wins.
     """
     model = unwrap_model(model)
-    stated = getattr(model, "num_prefix_tokens", None)
+    stated = getattr(model, "num_prefix_tokens", getattr(model, "num_tokens", None))  # timm < 0.6: num_tokens
     present = sum(int(getattr(model, name, None) is not None) for name in ("cls_token", "dist_token"))
     registers = getattr(model, "reg_token", None)
     present += int(registers.shape[1]) if isinstance(registers, torch.Tensor) and registers.dim() == 3 else 0

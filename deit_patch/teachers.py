@@ -13,7 +13,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .capture import unwrap_model
+from .capture import expected_prefix_tokens, unwrap_model
 
 
 class UnsupportedTeacherError(ValueError):
@@ -147,16 +147,8 @@ class PrunedTeacher(nn.Module):
 
 # --- token building shared by the ViT-style families ------------------------------------------------------
 def count_prefix_tokens(model: nn.Module) -> int:
-    """Tokens in front of the patches of a ViT-style model (class, distillation, register tokens).
-
-    timm >= 0.6 states it as ``num_prefix_tokens``; timm < 0.6 as ``num_tokens`` (2 for a distilled DeiT); a model
-    that states neither (DeiT's models_v2.py) is counted from the class/distillation tokens it holds.
-    """
-    for attr in ("num_prefix_tokens", "num_tokens"):
-        value = getattr(model, attr, None)
-        if isinstance(value, int):
-            return value
-    return sum(getattr(model, name, None) is not None for name in ("cls_token", "dist_token"))
+    """Tokens in front of the patches (class, distillation, register): the one inference the capture also uses."""
+    return expected_prefix_tokens(model)
 
 
 def _prefix_tokens_by_hand(model: nn.Module, patches: torch.Tensor) -> Tuple[torch.Tensor, int]:
