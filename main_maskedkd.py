@@ -343,6 +343,12 @@ def _claim_output_dir(args, run_scope: contextlib.ExitStack) -> None:
     preflight.agree_across_ranks(error)
 
 
+def _cost_stats(cost) -> dict:
+    """The per-image GFLOPs logged each epoch (fvcore counts; training = 3x forward)."""
+    return {"teacher_gflops_per_img": cost.teacher_per_step, "teacher_gflops_full": cost.teacher_full,
+            "student_gflops_train": cost.student_train, "feature_heads_gflops_train": 3.0 * cost.feature_heads}
+
+
 def _check_resume_config(args, config: dict) -> None:
     """A resume continues the same experiment: other experiment flags are refused unless --resume-anyway says so."""
     resume = find_resume(args.output_dir, args.resume)
@@ -509,8 +515,7 @@ def _main(args, run_scope: contextlib.ExitStack) -> dict:
                      **{f"test_{k}": v for k, v in test_stats.items()},
                      "epoch": epoch, "n_parameters": n_parameters}
         if cost is not None:
-            log_stats.update(teacher_gflops_per_img=cost.teacher_per_step, teacher_gflops_full=cost.teacher_full,
-                             student_gflops_train=cost.student_train)
+            log_stats.update(_cost_stats(cost))
             if keep_schedule is not None:  # this epoch's keep, not the run's average
                 log_stats["teacher_gflops_per_img"] = cost.extra_teacher + keep_schedule.epoch_gflops(
                     epoch, teacher=teacher, img_size=(args.input_size, args.input_size))
@@ -534,8 +539,7 @@ def _main(args, run_scope: contextlib.ExitStack) -> dict:
     print(f"Training time {total}")
     log_stats["max_accuracy"] = max(max_accuracy, log_stats.get("test_acc1", 0.0))
     if cost is not None:
-        log_stats.update(teacher_gflops_per_img=cost.teacher_per_step, teacher_gflops_full=cost.teacher_full,
-                         student_gflops_train=cost.student_train)
+        log_stats.update(_cost_stats(cost))
     return log_stats
 
 

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+REPO = Path(__file__).resolve().parent.parent  # children run ``-m maskedkd_app.reproduce`` from here
+
 # name -> (distillation type, mask mode, keep ratio, extra flags); 'teacher' is analysis only: it costs a full
 # teacher pass. The keep warm-up anneals 1.0 -> 0.5 over the first third of training (--keep-schedule).
 ARMS: Dict[str, tuple] = {
@@ -34,6 +36,8 @@ ARMS: Dict[str, tuple] = {
     "MaskedKD 0.5 with keep warm-up from 1.0": ("soft", "attention", 0.5, ["--keep-schedule", "linear"]),
     "ViTKD + full KD": ("soft", "none", 1.0, ["--feature-kd", "vitkd"]),
     "ViTKD + MaskedKD 0.5": ("soft", "attention", 0.5, ["--feature-kd", "vitkd"]),
+    # Analysis: does a softer full-teacher target alone (tau 4) do what the masked teacher's softer target does?
+    "full-teacher KD, tau 4 (analysis)": ("soft", "none", 1.0, ["--distillation-tau", "4"]),
 }
 
 PRESETS = {
@@ -119,11 +123,12 @@ def ensure_teacher(p: Dict, *, device: str, root: Path, retrain: bool = False) -
             shipped_teacher.retrain(root / "teacher", weights=weights, meta=meta,
                                     argv=shipped_teacher.read_meta()["argv"])
         info = shipped_teacher.verify(weights, meta)
-        return {"acc1": info["val_acc1"], "command": info["command"], "path": str(weights), "shipped": False}
+        return {"acc1": info["val_acc1"], "command": info["command"], "path": str(weights), "shipped": False,
+                "sha256": info["sha256"]}
     target, record = root / "teacher.pth", root / "teacher_run.json"
     if target.exists() and record.exists():
         print(f"[reproduce] using cached teacher {target}")
-        return json.loads(record.read_text())
+        return {**json.loads(record.read_text()), "sha256": shipped_teacher.sha256(target)}
     from .checkpoint import extract_state_dict, read_checkpoint, save_atomic
     argv = _common(p, device, root) + _model(p["teacher"], p["patch"]) + [
         "--epochs", str(p["teacher_epochs"]), "--seed", "0", "--output_dir", str(root / "teacher")]
@@ -133,14 +138,15 @@ def ensure_teacher(p: Dict, *, device: str, root: Path, retrain: bool = False) -
     result = {"acc1": stats["test_acc1"], "seconds": time.time() - start, "argv": argv, "path": str(target),
               "command": "python main_maskedkd.py " + " ".join(argv), "shipped": False}
     record.write_text(json.dumps(result, indent=1))
-    return result
+    return {**result, "sha256": shipped_teacher.sha256(target)}
 
 
 def training_gflops(stats: Dict, *, images_per_epoch: int, epochs: int) -> float:
-    """Student training (3x forward) + teacher per image, over every image the run processed."""
+    """Student training (3x forward) + teacher + feature heads (ViTKD, 3x forward) per image, over every image."""
     student = stats.get("student_gflops_train") or 0.0
     teacher = stats.get("teacher_gflops_per_img") or 0.0
-    return (student + teacher) * images_per_epoch * epochs
+    heads = stats.get("feature_heads_gflops_train") or 0.0
+    return (student + teacher + heads) * images_per_epoch * epochs
 
 
 def slug(arm: str) -> str:
@@ -154,43 +160,129 @@ def _epoch_accuracies(out: Path) -> List[float]:
     return [json.loads(line)["test_acc1"] for line in log.read_text().splitlines() if line.strip()]
 
 
-def run(preset: str, p: Dict, *, seeds: List[int], arms: List[str], device: str, root: Path, mask_vis: bool,
-        retrain_teacher: bool = False, deadline: Optional[float] = None) -> Dict:
-    """Every (arm, seed) run not yet in ``root/runs.json``, in order; stops starting runs after ``deadline``."""
-    root.mkdir(parents=True, exist_ok=True)
-    teacher = ensure_teacher(p, device=device, root=root, retrain=retrain_teacher)
-    results: Dict[str, List[Dict]] = {}
-    done_file = root / "runs.json"
-    done = json.loads(done_file.read_text()) if done_file.exists() else {}
-    skipped = []
-    for seed in seeds:  # seed-major: an interrupted call leaves every arm with the same seeds done
-        for arm in arms:
+def _record_run(done_file: Path, key: str, record: Dict) -> None:
+    """Add one finished run to ``runs.json`` under an exclusive lock: parallel run processes share the file."""
+    import fcntl
+    with open(done_file.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = {**(json.loads(done_file.read_text()) if done_file.exists() else {}), key: record}
+        tmp = done_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(done, indent=1))
+        os.replace(tmp, done_file)
+
+
+def run_one(arm: str, seed: int, p: Dict, *, device: str, root: Path, teacher: Dict, mask_vis: bool) -> Dict:
+    """Train one (arm, seed) student and record it in ``root/runs.json``."""
+    vis = root / "masks" / slug(arm) / f"seed{seed}" if mask_vis and ARMS[arm][1] != "none" else None
+    out = root / slug(arm) / f"seed{seed}"
+    start = time.time()
+    stats = _run(arm_argv(arm, p=p, seed=seed, device=device, out=out, teacher_path=Path(teacher["path"]),
+                          mask_vis=vis))
+    if ARMS[arm][0] == "none":  # the student's own FLOPs, counted the same way for the no-KD arm
+        stats.update(_student_only_cost(p))
+    record = {"seed": seed, "acc1": stats["test_acc1"], "max_acc1": stats["max_accuracy"],
+              "seconds": time.time() - start, "teacher_gflops": stats.get("teacher_gflops_per_img", 0.0),
+              "train_gflops": training_gflops(stats, images_per_epoch=p["train"] // p["batch"] * p["batch"],
+                                              epochs=p["student_epochs"]),
+              "acc_per_epoch": _epoch_accuracies(out), **_provenance(arm, p, teacher)}
+    _record_run(root / "runs.json", f"{arm} | seed {seed}", record)
+    return record
+
+
+def _run_parallel(pending: List[tuple], *, jobs: int, child_argv: List[str], root: Path,
+                  deadline: Optional[float]) -> List[str]:
+    """Each (arm, seed) in its own single-threaded process, ``jobs`` at a time; returns the keys not started.
+
+    One thread per process: on a 2-core machine two runs side by side finish sooner than one run on two threads
+    (small matrices scale poorly), and nothing spins waiting for a descheduled OpenMP thread. A failed run lets
+    the others finish (no run loses work) and is then reported with its log.
+    """
+    import subprocess
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    pending, running, failed, skipped = list(pending), {}, [], []
+    while pending or running:
+        while pending and len(running) < jobs and not failed:
+            arm, seed = pending.pop(0)
             key = f"{arm} | seed {seed}"
-            if key in done:  # an interrupted experiment continues where it stopped
-                done[key]["seed"] = seed
-                results.setdefault(arm, []).append(done[key])
-                continue
             if deadline is not None and time.time() > deadline:
                 skipped.append(key)
                 continue
-            vis = root / "masks" / slug(arm) / f"seed{seed}" if mask_vis and ARMS[arm][1] != "none" else None
-            out = root / slug(arm) / f"seed{seed}"
-            start = time.time()
-            stats = _run(arm_argv(arm, p=p, seed=seed, device=device, out=out, teacher_path=Path(teacher["path"]),
-                                  mask_vis=vis))
-            if ARMS[arm][0] == "none":  # the student's own FLOPs, counted the same way for the no-KD arm
-                stats.update(_student_only_cost(p))
-            record = {"seed": seed, "acc1": stats["test_acc1"], "max_acc1": stats["max_accuracy"],
-                      "seconds": time.time() - start, "teacher_gflops": stats.get("teacher_gflops_per_img", 0.0),
-                      "train_gflops": training_gflops(stats, images_per_epoch=p["train"] // p["batch"] * p["batch"],
-                                                      epochs=p["student_epochs"]),
-                      "acc_per_epoch": _epoch_accuracies(out)}
-            # Re-read before writing: another call may share the output directory (arms split over processes).
-            done = {**(json.loads(done_file.read_text()) if done_file.exists() else {}), key: record}
-            tmp = done_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(done, indent=1))
-            os.replace(tmp, done_file)
-            results.setdefault(arm, []).append(record)
+            log_path = logs / f"{slug(arm)}_seed{seed}.out"
+            log = open(log_path, "w")
+            cmd = [sys.executable, "-m", "maskedkd_app.reproduce", *child_argv, "--run-one", arm, str(seed)]
+            running[key] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO)),
+                            log, log_path)
+            print(f"[reproduce] started {key} (log: {log_path})", flush=True)
+        time.sleep(1.0)
+        for key, (proc, log, log_path) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[key]
+            if proc.returncode != 0:
+                failed.append(f"{key} (exit {proc.returncode}; log {log_path})")
+            print(f"[reproduce] {'FAILED' if proc.returncode else 'finished'} {key}", flush=True)
+        if failed and not running:
+            skipped += [f"{a} | seed {s}" for a, s in pending]
+            raise RuntimeError("reproduction run(s) failed, the finished ones are kept in runs.json: "
+                               + "; ".join(failed))
+    return skipped
+
+
+def _provenance(arm: str, p: Dict, teacher: Dict) -> Dict:
+    """What a finished run depends on besides its arm and seed: the preset and (for KD arms) the teacher."""
+    return {"params": p, "teacher_sha256": teacher.get("sha256") if ARMS[arm][0] != "none" else None}
+
+
+def _check_reusable(done: Dict, arms: List[str], seeds: List[int], p: Dict, teacher: Dict, done_file: Path) -> None:
+    """Refuse to report finished runs made with another preset or teacher as if they belonged to this call."""
+    for arm in arms:
+        for seed in seeds:
+            record = done.get(f"{arm} | seed {seed}")
+            if record is None:
+                continue
+            want = _provenance(arm, p, teacher)
+            got = {k: record.get(k) for k in want}
+            if got != want:
+                what = [k for k in want if got[k] != want[k]]
+                raise RuntimeError(
+                    f"{done_file} holds '{arm} | seed {seed}' from another experiment ({', '.join(what)} differ: "
+                    f"recorded {[got[k] for k in what]}, now {[want[k] for k in what]}); reporting it here would mix "
+                    f"experiments. Use a new --output-dir, or delete that entry to retrain it")
+
+
+def run(preset: str, p: Dict, *, seeds: List[int], arms: List[str], device: str, root: Path, mask_vis: bool,
+        retrain_teacher: bool = False, deadline: Optional[float] = None, jobs: int = 1,
+        child_argv: Optional[List[str]] = None) -> Dict:
+    """Every (arm, seed) run not yet in ``root/runs.json``; starts none after ``deadline``.
+
+    ``jobs`` > 1 trains that many runs at once in child processes (``child_argv``: this call's own flags).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    teacher = ensure_teacher(p, device=device, root=root, retrain=retrain_teacher)
+    done_file = root / "runs.json"
+    done = json.loads(done_file.read_text()) if done_file.exists() else {}
+    _check_reusable(done, arms, seeds, p, teacher, done_file)
+    # seed-major: an interrupted call leaves every arm with the same seeds done
+    pending = [(arm, seed) for seed in seeds for arm in arms if f"{arm} | seed {seed}" not in done]
+    skipped: List[str] = []
+    if jobs > 1 and len(pending) > 1:
+        skipped = _run_parallel(pending, jobs=jobs, child_argv=child_argv or [], root=root, deadline=deadline)
+    else:
+        for arm, seed in pending:
+            if deadline is not None and time.time() > deadline:
+                skipped.append(f"{arm} | seed {seed}")
+                continue
+            run_one(arm, seed, p, device=device, root=root, teacher=teacher, mask_vis=mask_vis)
+    done = json.loads(done_file.read_text()) if done_file.exists() else {}
+    results: Dict[str, List[Dict]] = {}
+    for seed in seeds:
+        for arm in arms:
+            record = done.get(f"{arm} | seed {seed}")
+            if record is not None:
+                results.setdefault(arm, []).append({**record, "seed": seed})
     return {"preset": preset, "params": p, "teacher": teacher, "seeds": seeds, "results": results,
             "not_run": skipped}
 
@@ -389,6 +481,13 @@ def _analyses(summary: Dict, p: Dict, *, root: Path, report: Path, num_images: i
     summary["figures"] = figures
 
 
+def _idle_cores() -> int:
+    """Cores not busy right now (sampled, not the lagging load average), at least one."""
+    from .demo import busy_cores
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, cores - int(busy_cores() + 0.5)))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -408,6 +507,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--findings", default="", help="a Markdown file appended to the report (interpretation)")
     parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                         help="change a preset value, e.g. train=1000 student_epochs=2 (smoke runs)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="runs trained at once, one thread each (default: one per idle core)")
+    parser.add_argument("--run-one", nargs=2, metavar=("ARM", "SEED"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     preset = dict(PRESETS[args.preset])
     for item in args.override:
@@ -415,15 +517,30 @@ def main(argv: Optional[List[str]] = None) -> int:
         preset[key] = type(preset[key])(value)
     start = time.time()
     root, report = Path(args.output_dir), Path(args.report)
+    given = list(argv if argv is not None else sys.argv[1:])
+    if args.run_one:  # a child of --jobs: one run, recorded in runs.json, no report
+        arm, seed = args.run_one[0], int(args.run_one[1])
+        if arm not in ARMS:
+            parser.error(f"--run-one: unknown arm {arm!r}")
+        teacher = ensure_teacher(preset, device=args.device, root=root, retrain=args.retrain_teacher)
+        run_one(arm, seed, preset, device=args.device, root=root, teacher=teacher, mask_vis=not args.no_mask_vis)
+        return 0
+    jobs = args.jobs if args.jobs is not None else (1 if args.device != "cpu" else _idle_cores())
+    child_argv = [a for a in ["--preset", args.preset, "--device", args.device, "--output-dir", str(root.resolve()),
+                              "--no-mask-vis" if args.no_mask_vis else "",
+                              "--retrain-teacher" if args.retrain_teacher else ""] if a]
+    if args.override:
+        child_argv += ["--override", *args.override]
     summary = run(args.preset, preset, seeds=args.seeds, arms=args.arms, device=args.device, root=root,
                   mask_vis=not args.no_mask_vis, retrain_teacher=args.retrain_teacher,
-                  deadline=None if args.max_minutes is None else start + 60 * args.max_minutes)
+                  deadline=None if args.max_minutes is None else start + 60 * args.max_minutes,
+                  jobs=jobs, child_argv=child_argv)
+    summary["jobs"] = jobs
     _analyses(summary, preset, root=root, report=report, num_images=args.analysis_images)
     summary["total_seconds"] = time.time() - start
     if args.findings:
         summary["findings"] = "\n" + Path(args.findings).read_text()
     Path(args.output_dir, "summary.json").write_text(json.dumps(summary, indent=1))
-    given = list(argv if argv is not None else sys.argv[1:])
     command = "python -m maskedkd_app.reproduce " + shlex.join(given)
     if summary.get("not_run"):  # the same call without the time budget trains what is left
         at = given.index("--max-minutes") if "--max-minutes" in given else None

@@ -5,7 +5,7 @@ import struct
 import pytest
 
 import main_maskedkd
-from maskedkd_app import reproduce
+from maskedkd_app import reproduce, shipped_teacher
 from maskedkd_app.maskvis import mask_grid_size
 
 
@@ -85,3 +85,49 @@ def test_time_budget_leaves_the_rest_for_the_next_call(tmp_path):
     reproduce.main(argv)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert [r["seed"] for r in summary["results"]["no KD"]] == [0, 1] and not summary["not_run"]
+
+
+def test_parallel_jobs_record_every_run_once(tmp_path):
+    # Two runs in two single-threaded child processes sharing one runs.json (locked read-modify-write).
+    report = tmp_path / "R.md"
+    argv = ["--seeds", "0", "1", "--arms", "no KD", "--output-dir", str(tmp_path / "run"), "--report", str(report),
+            "--override", "train=64", "val=32", "student_epochs=1", "batch=32", "--analysis-images", "0",
+            "--jobs", "2"]
+    assert reproduce.main(argv) == 0
+    runs = json.loads((tmp_path / "run" / "runs.json").read_text())
+    assert sorted(runs) == ["no KD | seed 0", "no KD | seed 1"]
+    for seed in (0, 1):
+        assert (tmp_path / "run" / "logs" / f"no_KD_seed{seed}.out").exists()
+        assert len(runs[f"no KD | seed {seed}"]["acc_per_epoch"]) == 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [r["seed"] for r in summary["results"]["no KD"]] == [0, 1] and summary["jobs"] == 2
+
+
+def test_failed_parallel_run_is_named_and_the_others_kept(tmp_path, monkeypatch):
+    # A child that cannot start (unknown arm passed through --run-one) fails; the error names it and its log.
+    monkeypatch.setitem(reproduce.ARMS, "bogus arm", reproduce.ARMS["no KD"])
+    argv = ["--seeds", "0", "--arms", "no KD", "bogus arm", "--output-dir", str(tmp_path / "run"),
+            "--report", str(tmp_path / "R.md"), "--override", "train=64", "val=32", "student_epochs=1", "batch=32",
+            "--analysis-images", "0", "--jobs", "2"]
+    with pytest.raises(RuntimeError, match=r"bogus arm \| seed 0 \(exit 2; log .*bogus_arm_seed0.out"):
+        reproduce.main(argv)
+    assert list(json.loads((tmp_path / "run" / "runs.json").read_text())) == ["no KD | seed 0"]
+
+
+def test_runs_from_another_teacher_or_preset_are_not_reported_as_this_one(tmp_path):
+    argv = ["--seeds", "0", "--arms", "random mask, keep 0.5", "--output-dir", str(tmp_path / "run"),
+            "--report", str(tmp_path / "R.md"), "--analysis-images", "0", "--no-mask-vis",
+            "--override", "train=64", "val=32", "student_epochs=1", "batch=32"]
+    reproduce.main(argv)
+    runs_file = tmp_path / "run" / "runs.json"
+    runs = json.loads(runs_file.read_text())
+    record = runs["random mask, keep 0.5 | seed 0"]
+    assert record["teacher_sha256"] == shipped_teacher.read_meta()["sha256"] and record["params"]["train"] == 64
+    # The same directory with another preset value: refused, naming the entry and what differs.
+    with pytest.raises(RuntimeError, match=r"random mask, keep 0.5 \| seed 0.*params differ"):
+        reproduce.main(argv[:-2] + ["student_epochs=2", "batch=32"])
+    # A record distilled from another teacher (e.g. before the shipped teacher was retrained): refused too.
+    record["teacher_sha256"] = "0" * 64
+    runs_file.write_text(json.dumps(runs))
+    with pytest.raises(RuntimeError, match="teacher_sha256 differ"):
+        reproduce.main(argv)
