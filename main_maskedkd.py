@@ -256,7 +256,8 @@ def check_teacher_stats(args, *, teacher, data_mean, data_std) -> None:
 
     timm's config for a model name describes timm's own hub weights (``vit_*``: 0.5/0.5), not a file the user trained
     or downloaded elsewhere. When it disagrees with the data pipeline's statistics, either may be right, and the wrong
-    one silently costs the teacher accuracy (measured: 81.8% -> 51.3% on the shipped procedural teacher): ask.
+    one silently costs the teacher accuracy (measured on 1000 val images: 81.8% -> 51.3% for an earlier shipped
+    procedural teacher, 99.7% -> 73.8% for the current one): ask.
     """
     if teacher is None or args.distillation_type == "none" or not args.teacher_path:
         return
