@@ -6,6 +6,7 @@ normalisation and applying the other is a per-channel affine map, ``x * scale + 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -19,6 +20,10 @@ IMAGENET_STATS: Stats = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 class TeacherInputError(ValueError):
     """The teacher cannot take the student's input as it is."""
+
+
+class TeacherStatsWarning(UserWarning):
+    """The teacher's input statistics were read from its timm config and may not describe the loaded weights."""
 
 
 def model_stats(model: Optional[nn.Module]) -> Optional[Stats]:
@@ -96,7 +101,18 @@ def build_renorm(*, student: Optional[nn.Module], teacher: nn.Module,
     # A teacher that does not state its statistics is assumed to share the student's, as in DeiT.
     t_stats, t_src = resolve_stats(mean=teacher_mean, std=teacher_std, model=teacher, fallback=s_stats,
                                    side="teacher")
-    return InputRenorm(student=s_stats, teacher=t_stats, student_source=s_src, teacher_source=t_src)
+    renorm = InputRenorm(student=s_stats, teacher=t_stats, student_source=s_src, teacher_source=t_src)
+    if renorm.active and t_src == "pretrained_cfg":
+        # A model name's config describes timm's hub weights; weights loaded from a file (DeiT's --teacher-path)
+        # may have been trained with the student's statistics instead. Measured: a ViT trained on ImageNet
+        # statistics and re-normalised to its name's 0.5/0.5 lost 26 points. Only the user knows: say so.
+        warnings.warn(
+            f"re-normalising the teacher's input from the student's statistics to {type(unwrap_model(teacher)).__name__}"
+            f"'s timm config (mean={t_stats[0]}, std={t_stats[1]}). That is right for timm's own pretrained weights "
+            f"and wrong for weights trained with the student's statistics (mean={s_stats[0]}): pass "
+            "teacher_mean/teacher_std explicitly (the student's values turn re-normalisation off) to silence this",
+            TeacherStatsWarning, stacklevel=3)
+    return renorm
 
 
 def input_channels(model: Optional[nn.Module]) -> Optional[int]:

@@ -1,10 +1,13 @@
 """Teacher input re-normalisation against normalising the raw image directly."""
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
 
 from conftest import tiny
-from deit_patch.teacher_input import IMAGENET_STATS, InputRenorm, TeacherInputError, build_renorm
+from deit_patch.teacher_input import (IMAGENET_STATS, InputRenorm, TeacherInputError, TeacherStatsWarning,
+                                      build_renorm)
 from losses import DistillationLoss, MaskedDistillationLoss
 
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -32,13 +35,18 @@ def test_equal_statistics_is_no_op():
 def test_statistics_from_pretrained_cfg_and_overrides():
     student = tiny()                                          # DeiT: ImageNet statistics
     teacher = tiny("vit_small_patch16_224")                   # augreg: 0.5 / 0.5
-    auto = build_renorm(student=student, teacher=teacher)
+    # Read from the config, the statistics may describe timm's hub weights rather than the loaded ones: warned.
+    with pytest.warns(TeacherStatsWarning, match=r"timm config \(mean=\(0.5, 0.5, 0.5\).*teacher_mean/teacher_std"):
+        auto = build_renorm(student=student, teacher=teacher)
     assert auto.teacher == HALF and auto.student == IMAGENET_STATS and auto.active
-    explicit = build_renorm(student=student, teacher=teacher, teacher_mean=CLIP[0], teacher_std=CLIP[1])
-    assert explicit.teacher == CLIP and explicit.sources[1] == "explicit"
-    same = build_renorm(student=student, teacher=teacher, teacher_mean=IMAGENET_STATS[0],
-                        teacher_std=IMAGENET_STATS[1])
-    assert not same.active
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TeacherStatsWarning)  # stated by the user, or nothing to convert: silent
+        explicit = build_renorm(student=student, teacher=teacher, teacher_mean=CLIP[0], teacher_std=CLIP[1])
+        assert explicit.teacher == CLIP and explicit.sources[1] == "explicit"
+        same = build_renorm(student=student, teacher=teacher, teacher_mean=IMAGENET_STATS[0],
+                            teacher_std=IMAGENET_STATS[1])
+        assert not same.active
+        assert not build_renorm(student=student, teacher=tiny()).active  # a DeiT teacher: ImageNet's, as the student
 
 
 def test_mismatched_teacher_is_converted_and_reported(batch):
@@ -46,7 +54,9 @@ def test_mismatched_teacher_is_converted_and_reported(batch):
     x = normalise(raw, IMAGENET_STATS)
     y = batch[1]
     student, teacher = tiny(), tiny("vit_small_patch16_224", seed=4)
-    crit = MaskedDistillationLoss(nn.CrossEntropyLoss(), teacher, "hard", 1.0, 1.0, student=student, keep_ratio=1.0)
+    with pytest.warns(TeacherStatsWarning):
+        crit = MaskedDistillationLoss(nn.CrossEntropyLoss(), teacher, "hard", 1.0, 1.0, student=student,
+                                      keep_ratio=1.0)
     assert "re-normalising the teacher's input" in crit.describe() and "0.5" in crit.describe()
     with torch.no_grad():
         want_targets = teacher.eval()(normalise(raw, HALF)).argmax(1)
