@@ -6,7 +6,9 @@ normalisation and applying the other is a per-channel affine map, ``x * scale + 
 """
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -93,6 +95,15 @@ class InputRenorm(nn.Module):
         return line + ("; re-normalising the teacher's input" if self.active else "; same statistics, no conversion")
 
 
+def _caller_level() -> int:
+    """``warnings`` stacklevel of the first frame outside the plugin, so the warning points at the user's line."""
+    plugin = (str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent / "losses.py"))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(plugin):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def build_renorm(*, student: Optional[nn.Module], teacher: nn.Module,
                  student_mean=None, student_std=None, teacher_mean=None, teacher_std=None) -> InputRenorm:
     """Statistics for both sides (explicit > pretrained_cfg > ImageNet, DeiT's pipeline) as an ``InputRenorm``."""
@@ -111,7 +122,7 @@ def build_renorm(*, student: Optional[nn.Module], teacher: nn.Module,
             f"'s timm config (mean={t_stats[0]}, std={t_stats[1]}). That is right for timm's own pretrained weights "
             f"and wrong for weights trained with the student's statistics (mean={s_stats[0]}): pass "
             "teacher_mean/teacher_std explicitly (the student's values turn re-normalisation off) to silence this",
-            TeacherStatsWarning, stacklevel=3)
+            TeacherStatsWarning, stacklevel=_caller_level())
     return renorm
 
 

@@ -54,9 +54,10 @@ def test_mismatched_teacher_is_converted_and_reported(batch):
     x = normalise(raw, IMAGENET_STATS)
     y = batch[1]
     student, teacher = tiny(), tiny("vit_small_patch16_224", seed=4)
-    with pytest.warns(TeacherStatsWarning):
+    with pytest.warns(TeacherStatsWarning) as caught:
         crit = MaskedDistillationLoss(nn.CrossEntropyLoss(), teacher, "hard", 1.0, 1.0, student=student,
                                       keep_ratio=1.0)
+    assert caught[0].filename == __file__  # points at the user's line, not into the plugin
     assert "re-normalising the teacher's input" in crit.describe() and "0.5" in crit.describe()
     with torch.no_grad():
         want_targets = teacher.eval()(normalise(raw, HALF)).argmax(1)
