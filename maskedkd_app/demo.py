@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from . import distributed as dist_utils
-from . import shipped_teacher
+from . import procs, shipped_teacher
 
 MAIN = Path(__file__).resolve().parent.parent / "main_maskedkd.py"
 
@@ -38,8 +37,6 @@ ARMS: Dict[str, List[str]] = {
     "no teacher": [],
     "full teacher": KD + ["--keep-ratio", "1.0"],
 }
-# Step time relative to the no-teacher arm (measured on 2 CPU cores, one thread per arm): the scheduling order.
-RELATIVE_COST = {"full teacher": 2.0, "MaskedKD, keep 0.5": 1.5, "no teacher": 1.0}
 DEFAULTS = {"train_size": 5000, "val_size": 1000, "epochs": 10, "arms": list(ARMS)}
 
 
@@ -58,46 +55,23 @@ def arm_dir(arm: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in arm.lower()).strip("_")
 
 
-def _cpu_times() -> Optional[tuple]:
-    """(busy, total) jiffies summed over all cores from /proc/stat, or None where there is no /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    total = sum(fields[:8])  # guest time is already counted in user/nice
-    return total - idle, total
-
-
-def busy_cores(sample_seconds: float = 1.0) -> float:
-    """Cores kept busy by other processes right now, from /proc/stat sampled over ``sample_seconds``.
-
-    The 1-minute load average lags by about a minute: right after a test run or a pip install it still reports
-    the cores busy and the demo would run its arms one at a time (measured: 488 s instead of about half). Where
-    /proc/stat is missing, the load average is the fallback.
-    """
-    first = _cpu_times()
-    if first is not None:
-        time.sleep(sample_seconds)
-        second = _cpu_times()
-        if second is not None and second[1] > first[1]:
-            return (os.cpu_count() or 1) * (second[0] - first[0]) / (second[1] - first[1])
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-
-
 def demo_threads() -> int:
-    """Torch threads for the demo: one per core that is not busy right now (``busy_cores``), at least one.
-
-    More threads than free cores stall rather than slow: OpenMP threads spin at every barrier waiting for a
-    thread that another process holds (measured: 138 s alone, over 900 s beside one other torch process with
-    2 threads on 2 cores). An explicit OMP_NUM_THREADS wins.
-    """
+    """Arms run at once (one thread each): the idle cores (``procs.idle_cores``); an explicit OMP_NUM_THREADS wins."""
     if os.environ.get("OMP_NUM_THREADS"):
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    # The arms are single-threaded processes, so a half-busy core is shared, not stalled on: round.
-    return max(1, min(cores, cores - int(busy_cores() + 0.5)))
+    return procs.idle_cores()
+
+
+def expected_cost(arm: str) -> float:
+    """An arm's step time relative to the no-teacher arm, from its flags: 1 + the teacher's kept share of patches.
+
+    Only the scheduling order uses it (longest first); measured on 2 CPU cores the arms took 120 s (no teacher),
+    150 s (keep 0.5) and 195 s (full teacher), the same order.
+    """
+    flags = ARMS[arm]
+    if "--distillation-type" not in flags:
+        return 1.0
+    return 1.0 + (float(flags[flags.index("--keep-ratio") + 1]) if "--keep-ratio" in flags else 1.0)
 
 
 def teacher_accuracy(info: Dict, num_images: int) -> float:
@@ -113,37 +87,6 @@ def _arm_record(arm: str, out: Path, seconds: float) -> Dict:
             "teacher_gflops": last.get("teacher_gflops_per_img", 0.0) if ARMS[arm] else 0.0,
             "teacher_gflops_full": last.get("teacher_gflops_full"),
             "teacher_tokens_kept": last.get("train_teacher_tokens_kept"), "seconds": seconds}
-
-
-def _run_in_parallel(commands: Dict[str, List[str]], *, out: Path, workers: int) -> Dict[str, float]:
-    """Each arm in its own single-threaded process, ``workers`` at a time; returns each arm's wall seconds.
-
-    One thread per process and no more processes than free cores: nothing spins waiting for a descheduled
-    OpenMP thread, so a busy machine runs the arms one after another instead of stalling them all.
-    """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    pending, running, seconds = list(commands.items()), {}, {}
-    while pending or running:
-        while pending and len(running) < workers:
-            arm, argv = pending.pop(0)
-            log_path = out / f"{arm_dir(arm)}.out"
-            log = open(log_path, "w")
-            proc = subprocess.Popen([sys.executable, str(MAIN), *argv], stdout=log, stderr=subprocess.STDOUT,
-                                    env=env, cwd=str(MAIN.parent))
-            running[arm] = (proc, time.time(), log, log_path)
-        time.sleep(0.5)
-        for arm, (proc, started, log, log_path) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del running[arm]
-            if proc.returncode != 0:
-                for other in running.values():
-                    other[0].kill()
-                raise RuntimeError(f"demo arm {arm!r} failed (exit {proc.returncode}); its output is in {log_path}")
-            seconds[arm] = time.time() - started
-            print(f"[demo] {arm}: done in {seconds[arm]:.0f} s (output: {log_path})")
-    return seconds
 
 
 def run_demo(args, main_fn: Callable, parse_fn: Callable[[List[str]], object], cfg: Optional[Dict] = None) -> Dict:
@@ -167,8 +110,9 @@ def run_demo(args, main_fn: Callable, parse_fn: Callable[[List[str]], object], c
     if parallel:
         print(f"[demo] {len(commands)} runs, {workers} at a time, one thread each (free cores: {workers})")
         # Longest first, so the short arms fill the other core instead of leaving the longest one alone at the end.
-        longest_first = dict(sorted(commands.items(), key=lambda item: -RELATIVE_COST.get(item[0], 1.0)))
-        seconds = _run_in_parallel(longest_first, out=out, workers=workers)
+        jobs = [(arm, [sys.executable, str(MAIN), *argv], out / f"{arm_dir(arm)}.out")
+                for arm, argv in sorted(commands.items(), key=lambda item: -expected_cost(item[0]))]
+        seconds, _ = procs.run_processes(jobs, workers=workers, cwd=MAIN.parent, label="demo")
     else:
         seconds = {}
         for arm, argv in commands.items():

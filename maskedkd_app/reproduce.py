@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from . import procs
+
 REPO = Path(__file__).resolve().parent.parent  # children run ``-m maskedkd_app.reproduce`` from here
 
 # name -> (distillation type, mask mode, keep ratio, extra flags); 'teacher' is analysis only: it costs a full
@@ -191,43 +193,11 @@ def run_one(arm: str, seed: int, p: Dict, *, device: str, root: Path, teacher: D
 
 def _run_parallel(pending: List[tuple], *, jobs: int, child_argv: List[str], root: Path,
                   deadline: Optional[float]) -> List[str]:
-    """Each (arm, seed) in its own single-threaded process, ``jobs`` at a time; returns the keys not started.
-
-    One thread per process: on a 2-core machine two runs side by side finish sooner than one run on two threads
-    (small matrices scale poorly), and nothing spins waiting for a descheduled OpenMP thread. A failed run lets
-    the others finish (no run loses work) and is then reported with its log.
-    """
-    import subprocess
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    logs = root / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    pending, running, failed, skipped = list(pending), {}, [], []
-    while pending or running:
-        while pending and len(running) < jobs and not failed:
-            arm, seed = pending.pop(0)
-            key = f"{arm} | seed {seed}"
-            if deadline is not None and time.time() > deadline:
-                skipped.append(key)
-                continue
-            log_path = logs / f"{slug(arm)}_seed{seed}.out"
-            log = open(log_path, "w")
-            cmd = [sys.executable, "-m", "maskedkd_app.reproduce", *child_argv, "--run-one", arm, str(seed)]
-            running[key] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO)),
-                            log, log_path)
-            print(f"[reproduce] started {key} (log: {log_path})", flush=True)
-        time.sleep(1.0)
-        for key, (proc, log, log_path) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del running[key]
-            if proc.returncode != 0:
-                failed.append(f"{key} (exit {proc.returncode}; log {log_path})")
-            print(f"[reproduce] {'FAILED' if proc.returncode else 'finished'} {key}", flush=True)
-        if failed and not running:
-            skipped += [f"{a} | seed {s}" for a, s in pending]
-            raise RuntimeError("reproduction run(s) failed, the finished ones are kept in runs.json: "
-                               + "; ".join(failed))
+    """Each (arm, seed) in its own single-threaded child process, ``jobs`` at a time; returns the keys not started."""
+    commands = [(f"{arm} | seed {seed}",
+                 [sys.executable, "-m", "maskedkd_app.reproduce", *child_argv, "--run-one", arm, str(seed)],
+                 root / "logs" / f"{slug(arm)}_seed{seed}.out") for arm, seed in pending]
+    _, skipped = procs.run_processes(commands, workers=jobs, cwd=REPO, deadline=deadline, label="reproduce")
     return skipped
 
 
@@ -481,13 +451,6 @@ def _analyses(summary: Dict, p: Dict, *, root: Path, report: Path, num_images: i
     summary["figures"] = figures
 
 
-def _idle_cores() -> int:
-    """Cores not busy right now (sampled, not the lagging load average), at least one."""
-    from .demo import busy_cores
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, cores - int(busy_cores() + 0.5)))
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -525,7 +488,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         teacher = ensure_teacher(preset, device=args.device, root=root, retrain=args.retrain_teacher)
         run_one(arm, seed, preset, device=args.device, root=root, teacher=teacher, mask_vis=not args.no_mask_vis)
         return 0
-    jobs = args.jobs if args.jobs is not None else (1 if args.device != "cpu" else _idle_cores())
+    jobs = args.jobs if args.jobs is not None else (1 if args.device != "cpu" else procs.idle_cores())
     child_argv = [a for a in ["--preset", args.preset, "--device", args.device, "--output-dir", str(root.resolve()),
                               "--no-mask-vis" if args.no_mask_vis else "",
                               "--retrain-teacher" if args.retrain_teacher else ""] if a]

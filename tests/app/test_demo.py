@@ -2,7 +2,7 @@
 import json
 
 import main_maskedkd
-from maskedkd_app import demo
+from maskedkd_app import demo, procs
 
 TOY = {"train_size": 128, "val_size": 64, "epochs": 1}
 
@@ -35,9 +35,9 @@ def test_demo_table_from_its_own_runs(tmp_path, capsys):
 
 def test_demo_threads_leave_busy_cores_alone(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(demo.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(procs.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     for busy, threads in [(1.2, 1), (6.0, 1), (0.1, 2), (0.4, 2), (0.6, 1), (0.0, 2)]:
-        monkeypatch.setattr(demo, "busy_cores", lambda busy=busy: busy)
+        monkeypatch.setattr(procs, "busy_cores", lambda busy=busy: busy)
         assert demo.demo_threads() == threads, busy
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert demo.demo_threads() == 3
@@ -47,11 +47,18 @@ def test_busy_cores_reads_the_last_second_not_the_load_average(monkeypatch):
     # /proc/stat samples: 2 cores, 100 jiffies elapsed per core, 150 of the 200 busy -> 1.5 cores busy,
     # while the (lagging) load average still says 2.
     samples = iter([(1000, 5000), (1150, 5200)])
-    monkeypatch.setattr(demo, "_cpu_times", lambda: next(samples))
-    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(demo.os, "getloadavg", lambda: (2.0, 2.0, 2.0))
-    monkeypatch.setattr(demo.time, "sleep", lambda s: None)
-    assert demo.busy_cores() == 1.5
+    monkeypatch.setattr(procs, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(procs.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(procs.os, "getloadavg", lambda: (2.0, 2.0, 2.0))
+    monkeypatch.setattr(procs.time, "sleep", lambda s: None)
+    assert procs.busy_cores() == 1.5
     # Without /proc/stat the load average is the fallback.
-    monkeypatch.setattr(demo, "_cpu_times", lambda: None)
-    assert demo.busy_cores() == 2.0
+    monkeypatch.setattr(procs, "_cpu_times", lambda: None)
+    assert procs.busy_cores() == 2.0
+
+
+def test_arms_are_scheduled_longest_first_from_their_own_flags():
+    # The full teacher runs on every patch, MaskedKD on half, the no-teacher arm not at all.
+    assert sorted(demo.ARMS, key=lambda arm: -demo.expected_cost(arm)) == \
+        ["full teacher", "MaskedKD, keep 0.5", "no teacher"]
+    assert demo.expected_cost("MaskedKD, keep 0.5") == 1.5
