@@ -14,12 +14,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deit_patch.capture import AttentionCapture, CaptureError, unwrap_model
+from deit_patch.capture import AttentionCapture, CaptureError, expected_prefix_tokens, unwrap_model
 from deit_patch.cost import SupervisionCost, TokenMeter, student_gflops, teacher_gflops
 from deit_patch.features import build_feature_kd, heads_gflops
 from deit_patch.masking import MASK_MODES, choose_patches, resolve_num_keep
 from deit_patch.teacher_input import InputRenorm, build_renorm, check_channels, check_resolution
-from deit_patch.teachers import (PrunedTeacher, count_prefix_tokens, find_family, pruned_forward, require_family,
+from deit_patch.teachers import (PrunedTeacher, find_family, pruned_forward, require_family,
                                  teacher_grid, verify_family)
 
 Outputs = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
@@ -125,7 +125,7 @@ class DistillationLoss(nn.Module):
             patches = teacher_grid(model, tuple(samples.shape[-2:]))
             num = patches[0] * patches[1]
             family = find_family(model)  # timm < 0.6 distilled ViTs carry 2 prefix tokens and no num_prefix_tokens
-            prefix = family.num_prefix(model) if family is not None else count_prefix_tokens(model)
+            prefix = family.num_prefix(model) if family is not None else expected_prefix_tokens(model)
             self.meter.update(batch=samples.shape[0], prefix=prefix, kept=num, patches=num)
         else:
             self.meter.update(batch=samples.shape[0], prefix=0, kept=0, patches=0)

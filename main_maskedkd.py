@@ -39,7 +39,7 @@ from maskedkd_app.engine import NonFiniteLossError, evaluate, train_one_epoch
 from maskedkd_app.keep_schedule import KeepSchedule
 from maskedkd_app import preflight
 from deit_patch.masking import KEEP_SCHEDULES, MASK_MODES
-from deit_patch.teacher_input import TeacherInputError, model_stats
+from deit_patch.teacher_input import TeacherInputError, model_stats, stats_differ
 from deit_patch.teachers import UnsupportedTeacherError, find_family, teacher_grid
 from losses import MaskedDistillationLoss
 
@@ -265,7 +265,7 @@ def check_teacher_stats(args, *, teacher, data_mean, data_std) -> None:
         return
     cfg = model_stats(teacher)
     data = (tuple(float(v) for v in data_mean), tuple(float(v) for v in data_std))
-    if cfg is None or all(abs(a - b) < 1e-6 for a, b in zip(cfg[0] + cfg[1], data[0] + data[1])):
+    if cfg is None or not stats_differ(cfg, data):
         return
     fmt = lambda v: " ".join(f"{x:g}" for x in v)
     raise preflight.RunError(

@@ -41,6 +41,11 @@ def model_stats(model: Optional[nn.Module]) -> Optional[Stats]:
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
+def stats_differ(a: Stats, b: Stats) -> bool:
+    """Whether two (mean, std) pairs normalise differently (the one comparison for renorm and the app's check)."""
+    return len(a[0]) != len(b[0]) or not all(abs(x - y) < 1e-6 for x, y in zip(a[0] + a[1], b[0] + b[1]))
+
+
 def resolve_stats(*, mean: Optional[Sequence[float]], std: Optional[Sequence[float]], model: Optional[nn.Module],
                   fallback: Stats, side: str) -> Tuple[Stats, str]:
     """Explicit values win, then the model's pretrained_cfg, then ``fallback``; also says which was used."""
@@ -72,7 +77,7 @@ class InputRenorm(nn.Module):
                                     f"{len(teacher[0])}: pass teacher_mean/teacher_std matching the input channels")
         self.student, self.teacher = student, teacher
         self.sources = (student_source, teacher_source)
-        self.active = not all(abs(a - b) < 1e-7 for a, b in zip(student[0] + student[1], teacher[0] + teacher[1]))
+        self.active = stats_differ(student, teacher)
         mean_s, std_s = (torch.tensor(v).view(1, -1, 1, 1) for v in student)
         mean_t, std_t = (torch.tensor(v).view(1, -1, 1, 1) for v in teacher)
         self.register_buffer("scale", std_s / std_t, persistent=False)

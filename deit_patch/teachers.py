@@ -146,11 +146,6 @@ class PrunedTeacher(nn.Module):
 
 
 # --- token building shared by the ViT-style families ------------------------------------------------------
-def count_prefix_tokens(model: nn.Module) -> int:
-    """Tokens in front of the patches (class, distillation, register): the one inference the capture also uses."""
-    return expected_prefix_tokens(model)
-
-
 def _prefix_tokens_by_hand(model: nn.Module, patches: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """cls (+ dist) tokens + patches + position embedding + pos_drop, the way timm < 0.6 and DeiT's repo write it.
 
@@ -218,7 +213,7 @@ def _vit_embed(model: nn.Module, images: torch.Tensor) -> Tuple[torch.Tensor, in
     patches = model.patch_embed(images)
     if _pos_embed_knows_prefix(model):
         # timm's own _pos_embed: class/register/distillation tokens, no_embed_class (DeiT-III), dynamic sizes.
-        tokens, prefix = model._pos_embed(patches), count_prefix_tokens(model)
+        tokens, prefix = model._pos_embed(patches), expected_prefix_tokens(model)
     else:
         tokens, prefix = _prefix_tokens_by_hand(model, patches)
     _check_token_count(model, tokens, patches, prefix)
@@ -233,7 +228,7 @@ def _vit_finish(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return _head_as_forward_did(model, tokens)
 
 
-register_family(TeacherFamily("vit", _is_timm_vit, _vit_embed, _vit_finish, num_prefix=count_prefix_tokens))
+register_family(TeacherFamily("vit", _is_timm_vit, _vit_embed, _vit_finish, num_prefix=expected_prefix_tokens))
 
 
 # --- DeiT repo's models.py: DistilledVisionTransformer subclasses timm's ViT and writes its own forward ------
