@@ -44,7 +44,9 @@ def test_reproduce_writes_report(tmp_path):
     report = tmp_path / "R.md"
     arms = ["no KD", "MaskedKD attention, keep 0.5", "random mask, keep 0.25",
             "MaskedKD 0.5 with keep warm-up from 1.0"]
-    small = ["--override", "train=64", "val=32", "student_epochs=2", "batch=32", "--analysis-images", "40"]
+    # --jobs 1: the in-process path, whatever the machine's load (the parallel path has its own test below).
+    small = ["--override", "train=64", "val=32", "student_epochs=2", "batch=32", "--analysis-images", "40",
+             "--jobs", "1"]
     code = reproduce.main(["--seeds", "0", "--arms", *arms, "--output-dir", str(tmp_path / "run"),
                            "--report", str(report)] + small)
     assert code == 0
@@ -77,7 +79,7 @@ def test_reproduce_writes_report(tmp_path):
 def test_time_budget_leaves_the_rest_for_the_next_call(tmp_path):
     report = tmp_path / "R.md"
     argv = ["--seeds", "0", "1", "--arms", "no KD", "--output-dir", str(tmp_path / "run"), "--report", str(report),
-            "--override", "train=64", "val=32", "student_epochs=1", "batch=32", "--analysis-images", "0"]
+            "--override", "train=64", "val=32", "student_epochs=1", "batch=32", "--analysis-images", "0", "--jobs", "1"]
     reproduce.main(argv + ["--max-minutes", "0"])   # a spent budget starts nothing
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["results"] == {} and summary["not_run"] == ["no KD | seed 0", "no KD | seed 1"]
@@ -93,6 +95,9 @@ def test_parallel_jobs_record_every_run_once(tmp_path):
     argv = ["--seeds", "0", "1", "--arms", "no KD", "--output-dir", str(tmp_path / "run"), "--report", str(report),
             "--override", "train=64", "val=32", "student_epochs=1", "batch=32", "--analysis-images", "0",
             "--jobs", "2"]
+    reproduce.main(argv + ["--max-minutes", "0"])   # the scheduler honours the budget too: nothing started
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["not_run"] == ["no KD | seed 0",
+                                                                                     "no KD | seed 1"]
     assert reproduce.main(argv) == 0
     runs = json.loads((tmp_path / "run" / "runs.json").read_text())
     assert sorted(runs) == ["no KD | seed 0", "no KD | seed 1"]
