@@ -154,6 +154,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--nb-classes", type=int, default=None, help="classes of the procedural dataset (default 10)")
     p.add_argument("--procedural-train-size", type=int, default=5000)
     p.add_argument("--procedural-val-size", type=int, default=1000)
+    p.add_argument("--procedural-label-noise", type=float, default=0.0,
+                   help="fraction of procedural training labels replaced by another class (validation stays clean)")
     p.add_argument("--output_dir", default="", help="path where to save, empty for no saving")
     p.add_argument("--device", default="cuda", help="device to use for training / testing")
     p.add_argument("--seed", default=0, type=int)

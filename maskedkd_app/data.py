@@ -126,6 +126,10 @@ class ProceduralObjects(Dataset):
     the label. The object is bright or dark at random, switching when it would nearly match the clutter under
     it, so every label is visible. Labels are ``index % num_classes``, so every class is equally frequent.
 
+    ``label_noise`` (default 0) replaces that fraction of the returned labels with another class, drawn uniformly
+    from its own stream; the image still shows the true class (``label(index)``). It stands in for the wrong labels
+    of real data sets and is meant for the training split only.
+
     Returns ``(image, label)``: ``transform(PIL image)`` when a transform is given, else a normalised float
     tensor (3, H, W) that matches ``ToTensor() + Normalize(mean, std)`` on the same image.
     """
@@ -133,7 +137,7 @@ class ProceduralObjects(Dataset):
     def __init__(self, num_samples: int, num_classes: int = 10, img_size: int = 32, seed: int = 0,
                  split: str = "train", transform: Optional[Callable] = None,
                  mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
-                 object_area: Tuple[float, float] = (0.10, 0.20)):
+                 object_area: Tuple[float, float] = (0.10, 0.20), label_noise: float = 0.0):
         if split not in _SPLIT_IDS:
             raise DataError(f"split must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
         if not 2 <= num_classes <= MAX_PROCEDURAL_CLASSES:
@@ -146,6 +150,11 @@ class ProceduralObjects(Dataset):
         if not 0.0 < object_area[0] <= object_area[1] <= 0.5:
             raise DataError(f"object_area {object_area} must satisfy 0 < low <= high <= 0.5 (fraction of the image)")
         self.object_area = (float(object_area[0]), float(object_area[1]))
+        # Above (C-1)/C, a wrong class would be as frequent as the true one and the labels would carry no class.
+        if not 0.0 <= label_noise < (self.num_classes - 1) / self.num_classes:
+            raise DataError(f"label_noise {label_noise} must be in [0, {(self.num_classes - 1) / self.num_classes:.3g}) "
+                            f"for {self.num_classes} classes (the true class must stay the most frequent label)")
+        self.label_noise = float(label_noise)
         self.seed, self.split, self.transform = int(seed), split, transform
         self.mean = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
@@ -164,7 +173,18 @@ class ProceduralObjects(Dataset):
         return np.random.default_rng([self.seed, _SPLIT_IDS[self.split], index, stream])
 
     def label(self, index: int) -> int:
+        """The class the image shows."""
         return index % self.num_classes
+
+    def target(self, index: int) -> int:
+        """The label ``__getitem__`` returns: ``label(index)``, or with probability ``label_noise`` another class."""
+        true = self.label(index)
+        if not self.label_noise:
+            return true
+        rng = self._rng(index, 2)
+        if rng.random() >= self.label_noise:
+            return true
+        return int((true + rng.integers(1, self.num_classes)) % self.num_classes)
 
     def _object(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
         """The object's coverage (H, W) in [0, 1] and two candidate RGB colours, the preferred one first."""
@@ -266,9 +286,9 @@ class ProceduralObjects(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[Any, int]:
         if self.transform is not None:
-            return self.transform(Image.fromarray(self.render(index))), self.label(index)
+            return self.transform(Image.fromarray(self.render(index))), self.target(index)
         chw = self._render_chw(index).astype(np.float32) / np.float32(255.0)
-        return torch.from_numpy((chw - self.mean) / self.std), self.label(index)
+        return torch.from_numpy((chw - self.mean) / self.std), self.target(index)
 
 
 # ---------------------------------------------------------------------------------------------------- registry
@@ -403,6 +423,8 @@ def _procedural(is_train: bool, args: Any) -> Tuple[Dataset, int]:
         num_samples=getattr(args, size_arg, None) or (5000 if is_train else 1000), num_classes=num_classes,
         img_size=args.input_size, seed=getattr(args, "procedural_seed", 0),
         split="train" if is_train else "val", transform=_procedural_transform(is_train, args), mean=mean, std=std,
+        # Validation labels stay clean: accuracy is measured against what the images show.
+        label_noise=(getattr(args, "procedural_label_noise", 0.0) or 0.0) if is_train else 0.0,
     )
     return dataset, num_classes
 

@@ -46,11 +46,11 @@ PRESETS = {
     # 2-core CPU: 32 px, 8x8 patch grid, the shipped teacher (its architecture is in its JSON record), a small
     # ViT student; one thread per run (runs are sequential), data made in-process.
     "cpu": {"img": 32, "patch": 4, "train": 5000, "val": 1000, "batch": 64, "student_epochs": 20, "workers": 0,
-            "lr": 1e-3, "warmup": 0, "tau": 1.0, "teacher": "shipped",
+            "lr": 1e-3, "warmup": 0, "tau": 1.0, "label_noise": 0.0, "teacher": "shipped",
             "student": ["deit_tiny_patch16_224", "embed_dim=64", "depth=3", "num_heads=2"]},
     # One GPU: 64 px, 16x16 grid, the DeiT-S/Ti shapes at reduced depth, more data and epochs.
     "gpu": {"img": 64, "patch": 4, "train": 50000, "val": 5000, "batch": 256, "teacher_epochs": 40,
-            "student_epochs": 30, "workers": 8, "lr": 1e-3, "warmup": 1, "tau": 1.0,
+            "student_epochs": 30, "workers": 8, "lr": 1e-3, "warmup": 1, "tau": 1.0, "label_noise": 0.0,
             "teacher": ["vit_small_patch16_224", "embed_dim=384", "depth=8", "num_heads=6"],
             "student": ["deit_tiny_patch16_224", "embed_dim=192", "depth=6", "num_heads=3"]},
 }
@@ -62,7 +62,7 @@ def _common(p: Dict, device: str, out: Path) -> List[str]:
             "--num_workers", str(p["workers"]), "--device", device, "--mixup", "0", "--cutmix", "0", "--reprob", "0",
             "--smoothing", "0", "--drop-path", "0", "--no-model-ema", "--no-repeated-aug", "--unscale-lr",
             "--lr", str(p.get("lr", 1e-3)), "--warmup-epochs", str(p.get("warmup", 0)), "--cooldown-epochs", "0",
-            "--print-freq", "50"]
+            "--print-freq", "50", "--procedural-label-noise", str(p.get("label_noise", 0.0))]
 
 
 def _teacher_flags(p: Dict, teacher_path: Path) -> List[str]:
@@ -369,7 +369,9 @@ def write_report(summary: Dict, path: Path, command: str) -> str:
         f"Command: `{command}`", "",
         f"Preset `{summary['preset']}`: procedural dataset (10 classes of small objects among clutter), "
         f"{p['img']} px, patch {p['patch']} ({(p['img'] // p['patch']) ** 2} patches), {p['train']} train / "
-        f"{p['val']} val images, batch {p['batch']}, lr {p.get('lr')}, warm-up epochs {p.get('warmup')}. "
+        f"{p['val']} val images"
+        + (f" ({p['label_noise']:.0%} of the training labels replaced by another class)" if p.get("label_noise") else "")
+        + f", batch {p['batch']}, lr {p.get('lr')}, warm-up epochs {p.get('warmup')}. "
         f"Teacher: {teacher_text}. Student `{student}` (patch {p['patch']}), {p['student_epochs']} epochs, soft KD "
         f"(alpha 0.5, tau {p.get('tau', 1.0)}, batchmean). Seeds {summary['seeds']}.", "",
         "## Student top-1 per arm", "",
@@ -476,8 +478,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     preset = dict(PRESETS[args.preset])
     for item in args.override:
-        key, value = item.split("=", 1)
-        preset[key] = type(preset[key])(value)
+        key, _, value = item.partition("=")
+        numeric = sorted(k for k, v in preset.items() if isinstance(v, (int, float)))  # models/teacher: not here
+        if key not in numeric or not value:
+            parser.error(f"--override {item!r}: expected KEY=VALUE with KEY one of {numeric}")
+        try:
+            preset[key] = type(preset[key])(value)
+        except ValueError:
+            parser.error(f"--override {item!r}: {value!r} is not a {type(preset[key]).__name__}")
     start = time.time()
     root, report = Path(args.output_dir), Path(args.report)
     given = list(argv if argv is not None else sys.argv[1:])

@@ -48,6 +48,37 @@ def test_procedural_labels_cover_every_class():
     assert max(Counter(labels).values()) == 5  # balanced
 
 
+def test_label_noise_flips_the_asked_share_to_other_classes_and_leaves_images_alone():
+    clean, noisy = ProceduralObjects(4000), ProceduralObjects(4000, label_noise=0.3)
+    shown = np.array([clean.label(i) for i in range(4000)])
+    returned = np.array([noisy[i][1] for i in range(4000)])
+    flipped = returned != shown
+    # Binomial(4000, 0.3): standard deviation 0.007, so +-0.03 fails only on a wrong rate.
+    assert abs(flipped.mean() - 0.3) < 0.03
+    # A flip goes to any other class with equal chance: every class pair occurs, none dominates.
+    pairs = Counter(zip(shown[flipped].tolist(), returned[flipped].tolist()))
+    assert len(pairs) == 90 and max(pairs.values()) < 3 * len(returned[flipped]) / 90
+    for i in (0, 11, 123):
+        assert torch.equal(clean[i][0], noisy[i][0]) and noisy.label(i) == clean.label(i)
+    assert [noisy[i][1] for i in range(50)] == [ProceduralObjects(4000, label_noise=0.3)[i][1] for i in range(50)]
+    assert [clean[i][1] for i in range(50)] == shown[:50].tolist()
+
+
+def test_label_noise_reaches_training_labels_only():
+    args = make_args(procedural_train_size=400, procedural_val_size=400, procedural_label_noise=0.5)
+    train, _ = build_dataset(True, args)
+    val, _ = build_dataset(False, args)
+    assert train.label_noise == 0.5 and val.label_noise == 0.0
+    assert sum(val[i][1] != val.label(i) for i in range(0, 400, 7)) == 0
+    assert sum(train.target(i) != train.label(i) for i in range(400)) > 150
+
+
+@pytest.mark.parametrize("noise", [-0.1, 0.9, 1.0])
+def test_label_noise_that_would_hide_the_class_is_refused(noise):
+    with pytest.raises(DataError, match="label_noise"):
+        ProceduralObjects(10, num_classes=10, label_noise=noise)
+
+
 def test_procedural_tensor_path_matches_totensor_normalize():
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     plain = ProceduralObjects(5, mean=mean, std=std)

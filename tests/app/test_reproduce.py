@@ -136,3 +136,22 @@ def test_runs_from_another_teacher_or_preset_are_not_reported_as_this_one(tmp_pa
     runs_file.write_text(json.dumps(runs))
     with pytest.raises(RuntimeError, match="teacher_sha256 differ"):
         reproduce.main(argv)
+
+
+def test_label_noise_override_reaches_the_training_flags():
+    p = dict(reproduce.PRESETS["cpu"], label_noise=0.2)
+    argv = reproduce.arm_argv("no KD", p=p, seed=0, device="cpu", out=reproduce.Path("o"),
+                              teacher_path=shipped_teacher.WEIGHTS, mask_vis=None)
+    assert reproduce._parse(argv).procedural_label_noise == 0.2
+    p["label_noise"] = 0.0
+    argv = reproduce.arm_argv("no KD", p=p, seed=0, device="cpu", out=reproduce.Path("o"),
+                              teacher_path=shipped_teacher.WEIGHTS, mask_vis=None)
+    assert reproduce._parse(argv).procedural_label_noise == 0.0
+
+
+@pytest.mark.parametrize("item, says", [("nope=1", "KEY one of"), ("lr=abc", "not a float"),
+                                        ("teacher=x", "KEY one of"), ("lr", "KEY one of")])
+def test_bad_override_is_a_usage_error_naming_the_keys(item, says, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["--override", item, "--output-dir", "/nonexistent/never-written"])
+    assert exit_info.value.code == 2 and says in capsys.readouterr().err
