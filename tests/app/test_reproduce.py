@@ -155,3 +155,19 @@ def test_bad_override_is_a_usage_error_naming_the_keys(item, says, capsys):
     with pytest.raises(SystemExit) as exit_info:
         reproduce.main(["--override", item, "--output-dir", "/nonexistent/never-written"])
     assert exit_info.value.code == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, analysis", [([], False), (["--analysis-arms"], True)])
+def test_analysis_arms_only_on_request(extra, analysis, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run(preset, p, *, arms, **kwargs):
+        seen["arms"] = list(arms)
+        raise SystemExit(0)  # stop before training anything
+
+    monkeypatch.setattr(reproduce, "run", fake_run)
+    with pytest.raises(SystemExit):
+        reproduce.main(["--output-dir", str(tmp_path / "o"), "--jobs", "1"] + extra)
+    expected = [arm for arm in reproduce.ARMS if analysis or not arm.endswith("(analysis)")]
+    assert sorted(seen["arms"]) == sorted(expected)
+    assert any(arm.endswith("(analysis)") for arm in reproduce.ARMS)  # the split is not vacuous
