@@ -2,8 +2,10 @@
 
 The teacher is the one that ships with the project (``maskedkd_app/assets``, trained with the project's own
 training code; ``--retrain-teacher`` trains one from the preset instead, as the gpu preset always does). A smaller
-student is distilled under every arm (no KD, full-teacher KD, student-attention masks, random masks,
-teacher-attention masks, a keep-ratio warm-up, ViTKD) with the same schedule and several seeds. Beside the table:
+student is distilled under every arm (no KD, full-teacher KD, student-attention masks, random masks, a keep-ratio
+warm-up, ViTKD; teacher-attention masks and tau 4 with ``--analysis-arms``) with the same schedule and several
+seeds. The cpu preset gives the student 20% wrong training labels (``--override label_noise=0`` for clean ones):
+with clean labels its teacher is one-hot on the student's images and distillation has nothing to add. Beside the table:
 the masked teacher's own accuracy and output entropy per criterion and keep ratio (paper Fig. 2 left), student
 accuracy per epoch (Fig. 3) and keep-frequency heat maps per epoch for every seed (Fig. 4/5). Finished runs are
 recorded in ``<output-dir>/runs.json`` and reported instead of retrained, so an interrupted call continues.
