@@ -115,6 +115,15 @@ def _run(argv: List[str]) -> Dict:
     return main_maskedkd.main(_parse(argv))
 
 
+def teacher_argv(p: Dict, *, device: str, root: Path) -> List[str]:
+    """Training flags for a preset's own teacher: clean labels whatever the student's ``label_noise``.
+
+    The experiment is a teacher that knows what the images show distilled into a student whose labels do not.
+    """
+    return _common({**p, "label_noise": 0.0}, device, root) + _model(p["teacher"], p["patch"]) + [
+        "--epochs", str(p["teacher_epochs"]), "--seed", "0", "--output_dir", str(root / "teacher")]
+
+
 def ensure_teacher(p: Dict, *, device: str, root: Path, retrain: bool = False) -> Dict:
     """The teacher record ``{"acc1", "command", "path", ...}``: the shipped one unless asked to retrain.
 
@@ -139,8 +148,7 @@ def ensure_teacher(p: Dict, *, device: str, root: Path, retrain: bool = False) -
         print(f"[reproduce] using cached teacher {target}")
         return {**json.loads(record.read_text()), "sha256": shipped_teacher.sha256(target)}
     from .checkpoint import extract_state_dict, read_checkpoint, save_atomic
-    argv = _common(p, device, root) + _model(p["teacher"], p["patch"]) + [
-        "--epochs", str(p["teacher_epochs"]), "--seed", "0", "--output_dir", str(root / "teacher")]
+    argv = teacher_argv(p, device=device, root=root)
     start = time.time()
     stats = _run(argv)
     save_atomic({"model": extract_state_dict(read_checkpoint(root / "teacher" / "checkpoint.pth"))}, target)
@@ -487,11 +495,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--run-one", nargs=2, metavar=("ARM", "SEED"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.analysis_arms:
-        args.arms += [arm for arm in ARMS if arm not in DEFAULT_ARMS and arm not in args.arms]
+        args.arms = args.arms + [arm for arm in ARMS if arm not in DEFAULT_ARMS and arm not in args.arms]
     preset = dict(PRESETS[args.preset])
+    numeric = sorted(k for k, v in preset.items() if isinstance(v, (int, float)))  # models/teacher: not here
     for item in args.override:
         key, _, value = item.partition("=")
-        numeric = sorted(k for k, v in preset.items() if isinstance(v, (int, float)))  # models/teacher: not here
         if key not in numeric or not value:
             parser.error(f"--override {item!r}: expected KEY=VALUE with KEY one of {numeric}")
         try:

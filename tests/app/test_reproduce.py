@@ -171,3 +171,12 @@ def test_analysis_arms_only_on_request(extra, analysis, tmp_path, monkeypatch):
     expected = [arm for arm in reproduce.ARMS if analysis or not arm.endswith("(analysis)")]
     assert sorted(seen["arms"]) == sorted(expected)
     assert any(arm.endswith("(analysis)") for arm in reproduce.ARMS)  # the split is not vacuous
+
+
+def test_a_preset_teacher_trains_on_clean_labels_while_its_student_gets_the_noise(tmp_path):
+    p = dict(reproduce.PRESETS["gpu"], label_noise=0.2)
+    teacher = reproduce._parse(reproduce.teacher_argv(p, device="cpu", root=tmp_path))
+    student = reproduce._parse(reproduce.arm_argv("full-teacher KD", p=p, seed=0, device="cpu", out=tmp_path / "s",
+                                                  teacher_path=tmp_path / "teacher.pth", mask_vis=None))
+    assert teacher.procedural_label_noise == 0.0 and student.procedural_label_noise == 0.2
+    assert teacher.model_kwargs["embed_dim"] == 384 and teacher.epochs == p["teacher_epochs"]
