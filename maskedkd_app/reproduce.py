@@ -216,6 +216,11 @@ def _run_parallel(pending: List[tuple], *, jobs: int, child_argv: List[str], roo
     return skipped
 
 
+# Preset keys added after runs were first recorded, with the value every earlier run had. A record without such a
+# key is read with this value, so adding a key to the presets does not make finished runs look foreign.
+ADDED_PARAMS: Dict[str, object] = {"label_noise": 0.0}
+
+
 def _provenance(arm: str, p: Dict, teacher: Dict) -> Dict:
     """What a finished run depends on besides its arm and seed: the preset and (for KD arms) the teacher."""
     return {"params": p, "teacher_sha256": teacher.get("sha256") if ARMS[arm][0] != "none" else None}
@@ -230,6 +235,8 @@ def _check_reusable(done: Dict, arms: List[str], seeds: List[int], p: Dict, teac
                 continue
             want = _provenance(arm, p, teacher)
             got = {k: record.get(k) for k in want}
+            if isinstance(got["params"], dict):
+                got["params"] = {**{k: v for k, v in ADDED_PARAMS.items() if k in p}, **got["params"]}
             if got != want:
                 what = [k for k in want if got[k] != want[k]]
                 raise RuntimeError(

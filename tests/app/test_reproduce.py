@@ -180,3 +180,21 @@ def test_a_preset_teacher_trains_on_clean_labels_while_its_student_gets_the_nois
                                                   teacher_path=tmp_path / "teacher.pth", mask_vis=None))
     assert teacher.procedural_label_noise == 0.0 and student.procedural_label_noise == 0.2
     assert teacher.model_kwargs["embed_dim"] == 384 and teacher.epochs == p["teacher_epochs"]
+
+
+def test_runs_recorded_before_a_preset_key_existed_are_read_with_its_old_value(tmp_path):
+    # Records written before 'label_noise' existed lack the key; they were trained with clean labels.
+    argv = ["--seeds", "0", "--arms", "no KD", "--output-dir", str(tmp_path / "run"), "--report",
+            str(tmp_path / "R.md"), "--analysis-images", "0", "--no-mask-vis",
+            "--override", "train=64", "val=32", "student_epochs=1", "batch=32", "label_noise=0"]
+    reproduce.main(argv)
+    runs_file = tmp_path / "run" / "runs.json"
+    runs = json.loads(runs_file.read_text())
+    record = runs["no KD | seed 0"]
+    del record["params"]["label_noise"]
+    runs_file.write_text(json.dumps(runs))
+    reproduce.main(argv)  # reported, not refused
+    assert json.loads(runs_file.read_text()) == runs  # nor retrained
+    # The same old record under a call with wrong labels is another experiment: refused.
+    with pytest.raises(RuntimeError, match=r"no KD \| seed 0.*params differ"):
+        reproduce.main(argv[:-1] + ["label_noise=0.2"])
