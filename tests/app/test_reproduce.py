@@ -157,8 +157,11 @@ def test_bad_override_is_a_usage_error_naming_the_keys(item, says, capsys):
     assert exit_info.value.code == 2 and says in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra, analysis", [([], False), (["--analysis-arms"], True)])
-def test_analysis_arms_only_on_request(extra, analysis, tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra, analysis, added", [([], False, []), (["--analysis-arms"], True, []),
+                                                    (["--add-arms", "ViTKD + full KD"], False, ["ViTKD + full KD"]),
+                                                    (["--analysis-arms", "--add-arms", "ViTKD + full KD"], True,
+                                                     ["ViTKD + full KD"])])
+def test_analysis_arms_only_on_request(extra, analysis, added, tmp_path, monkeypatch):
     seen = {}
 
     def fake_run(preset, p, *, arms, **kwargs):
@@ -168,8 +171,10 @@ def test_analysis_arms_only_on_request(extra, analysis, tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, "run", fake_run)
     with pytest.raises(SystemExit):
         reproduce.main(["--output-dir", str(tmp_path / "o"), "--jobs", "1"] + extra)
-    expected = [arm for arm in reproduce.ARMS if analysis or not arm.endswith("(analysis)")]
-    assert sorted(seen["arms"]) == sorted(expected)
+    # The default leaves out the analysis arms and the dearest one; each flag brings back only what it names.
+    expected = [arm for arm in reproduce.ARMS
+                if (analysis or not arm.endswith("(analysis)")) and (arm != "ViTKD + full KD" or arm in added)]
+    assert sorted(seen["arms"]) == sorted(expected) and len(seen["arms"]) == len(set(seen["arms"]))
     assert any(arm.endswith("(analysis)") for arm in reproduce.ARMS)  # the split is not vacuous
 
 
