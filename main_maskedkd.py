@@ -369,7 +369,8 @@ def _check_resume_config(args, config: dict) -> None:
     if not args.resume_anyway:
         raise preflight.RunError(
             f"{resume} was written with other experiment flags ({'; '.join(changes)}): resuming would mix two "
-            "experiments in one run and log; pass a new --output_dir, or --resume-anyway to continue with the new flags")
+            "experiments in one run and log; pass a new --output_dir, or --resume-anyway to continue with the new "
+            "flags")
     print(f"note: --resume-anyway: continuing {resume} with changed flags: {'; '.join(changes)}")
 
 

@@ -846,7 +846,8 @@ class _VitkdSection:
                     ["variant", "ms", "img/s", "vs logit full", "heads GMAC/img", "peak MiB"], rows, left=1)
         print(f"  ViTKD step overhead: x{out['vitkd_overhead_full']:.3f} with the full teacher, "
               f"x{out['vitkd_overhead_masked']:.3f} at keep {km}; MaskedKD saves "
-              f"{100 * out['masked_saving_logit']:.1f}% of the logit-KD step and {100 * out['masked_saving_vitkd']:.1f}% "
+              f"{100 * out['masked_saving_logit']:.1f}% of the logit-KD step and "
+              f"{100 * out['masked_saving_vitkd']:.1f}% "
               f"of the ViTKD step (student forward {out['student_gmac_fwd']:.3f} GMAC/img)")
         bench.results["vitkd_step"] = out
 
@@ -944,7 +945,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--mode", choices=("cpu", "gpu"), default=None,
                    help="model sizes: 'gpu' real (batch 256, 224 px, bf16), 'cpu' small; default from the device")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--section", default="all", help=f"comma list of {','.join(SECTIONS)} or 1-{len(SECTIONS)}, or 'all'")
+    p.add_argument("--section", default="all",
+                   help=f"comma list of {','.join(SECTIONS)} or 1-{len(SECTIONS)}, or 'all'")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=20, help="timed repetitions (medians; use >= 20 for reported figures)")
     p.add_argument("--keeps", default="1.0,0.75,0.5,0.25")

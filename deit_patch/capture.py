@@ -126,7 +126,8 @@ def expected_prefix_tokens(model: nn.Module) -> int:
     """Tokens in front of the patches, from the model's attributes (callers verify it against real token counts).
 
     timm >= 0.6 says ``num_prefix_tokens``, timm < 0.6 ``num_tokens``, DeiT's models_v2.py neither; DeiT's distilled
-    subclass of timm's ViT adds a ``dist_token`` that its ``num_prefix_tokens`` does not count. The tokens that exist are counted instead:
+    subclass of timm's ViT adds a ``dist_token`` that its ``num_prefix_tokens`` does not count. The tokens that exist
+    are counted instead:
     class, distillation and register tokens, and the larger of the two answers wins.
     """
     model = unwrap_model(model)

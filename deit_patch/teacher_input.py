@@ -29,7 +29,7 @@ class TeacherStatsWarning(UserWarning):
 
 
 def model_stats(model: Optional[nn.Module]) -> Optional[Stats]:
-    """(mean, std) from a timm model's ``pretrained_cfg`` (``default_cfg`` on old timm), or None when it does not say."""
+    """(mean, std) from a timm model's ``pretrained_cfg`` (``default_cfg`` on old timm), or None if it does not say."""
     if model is None:
         return None
     model = unwrap_model(model)
@@ -94,7 +94,9 @@ class InputRenorm(nn.Module):
         return torch.addcmul(self.shift.to(x.dtype), x, self.scale.to(x.dtype))
 
     def describe(self) -> str:
-        fmt = lambda s: "mean=(" + ", ".join(f"{v:.4g}" for v in s[0]) + ") std=(" + ", ".join(f"{v:.4g}" for v in s[1]) + ")"
+        def fmt(stats: Stats) -> str:
+            return "mean=(" + ", ".join(f"{v:.4g}" for v in stats[0]) + ") std=(" + ", ".join(
+                f"{v:.4g}" for v in stats[1]) + ")"
         line = (f"student input {fmt(self.student)} [{self.sources[0]}]; teacher expects {fmt(self.teacher)} "
                 f"[{self.sources[1]}]")
         return line + ("; re-normalising the teacher's input" if self.active else "; same statistics, no conversion")
@@ -123,7 +125,8 @@ def build_renorm(*, student: Optional[nn.Module], teacher: nn.Module,
         # may have been trained with the student's statistics instead. Measured: a ViT trained on ImageNet
         # statistics and re-normalised to its name's 0.5/0.5 lost 26 points. Only the user knows: say so.
         warnings.warn(
-            f"re-normalising the teacher's input from the student's statistics to {type(unwrap_model(teacher)).__name__}"
+            "re-normalising the teacher's input from the student's statistics to "
+            f"{type(unwrap_model(teacher)).__name__}"
             f"'s timm config (mean={t_stats[0]}, std={t_stats[1]}). That is right for timm's own pretrained weights "
             f"and wrong for weights trained with the student's statistics (mean={s_stats[0]}): pass "
             "teacher_mean/teacher_std explicitly (the student's values turn re-normalisation off) to silence this",

@@ -152,7 +152,8 @@ class ProceduralObjects(Dataset):
         self.object_area = (float(object_area[0]), float(object_area[1]))
         # Above (C-1)/C, a wrong class would be as frequent as the true one and the labels would carry no class.
         if not 0.0 <= label_noise < (self.num_classes - 1) / self.num_classes:
-            raise DataError(f"label_noise {label_noise} must be in [0, {(self.num_classes - 1) / self.num_classes:.3g}) "
+            limit = (self.num_classes - 1) / self.num_classes
+            raise DataError(f"label_noise {label_noise} must be in [0, {limit:.3g}) "
                             f"for {self.num_classes} classes (the true class must stay the most frequent label)")
         self.label_noise = float(label_noise)
         self.seed, self.split, self.transform = int(seed), split, transform

@@ -80,7 +80,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
             outputs = model(samples)
             loss = criterion(samples, outputs, targets)
         detached = loss.detach()
-        first_bad = torch.where(torch.isfinite(detached), first_bad, torch.minimum(first_bad, first_bad.new_tensor(step)))
+        first_bad = torch.where(torch.isfinite(detached), first_bad,
+                                torch.minimum(first_bad, first_bad.new_tensor(step)))
         loss_sum += detached
         optimizer.zero_grad(set_to_none=True)
         _optimizer_step(loss, optimizer, model=model, loss_scaler=loss_scaler, max_norm=max_norm)
@@ -98,7 +99,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
             total = float(loss_sum.item())
             meter = getattr(criterion, "meter", None)
             logger.update(loss=(total - interval_sum) / max(steps - interval_steps, 1),
-                          lr=optimizer.param_groups[0]["lr"], kept=meter.kept_fraction if meter and meter.images else None)
+                          lr=optimizer.param_groups[0]["lr"],
+                          kept=meter.kept_fraction if meter and meter.images else None)
             interval_sum, interval_steps = total, steps
         if max_steps is not None and steps >= max_steps:
             break

@@ -348,8 +348,8 @@ def masked_teacher_analysis(p: Dict, *, teacher_path: Path, student_dir: Path, n
                     entropy += float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).sum())
                     kl += float((full * (full.clamp_min(1e-12).log() - probs.clamp_min(1e-12).log())).sum(-1).sum())
                 criterion.remove_hooks()
-                results.setdefault(mode, {})[str(keep)] = {"acc1": 100.0 * correct / len(data),
-                                                           "entropy": entropy / len(data), "kl_from_full": kl / len(data)}
+                results.setdefault(mode, {})[str(keep)] = {
+                    "acc1": 100.0 * correct / len(data), "entropy": entropy / len(data), "kl_from_full": kl / len(data)}
     return results
 
 
@@ -397,7 +397,8 @@ def write_report(summary: Dict, path: Path, command: str) -> str:
         f"Preset `{summary['preset']}`: procedural dataset (10 classes of small objects among clutter), "
         f"{p['img']} px, patch {p['patch']} ({(p['img'] // p['patch']) ** 2} patches), {p['train']} train / "
         f"{p['val']} val images"
-        + (f" ({p['label_noise']:.0%} of the training labels replaced by another class)" if p.get("label_noise") else "")
+        + (f" ({p['label_noise']:.0%} of the training labels replaced by another class)"
+           if p.get("label_noise") else "")
         + f", batch {p['batch']}, lr {p.get('lr')}, warm-up epochs {p.get('warmup')}. "
         f"Teacher: {teacher_text}. Student `{student}` (patch {p['patch']}), {p['student_epochs']} epochs, soft KD "
         f"(alpha 0.5, tau {p.get('tau', 1.0)}, batchmean). Seeds {summary['seeds']}.", "",
@@ -440,7 +441,8 @@ def write_report(summary: Dict, path: Path, command: str) -> str:
                   "| criterion | " + " | ".join(f"keep {k}" for k in keeps) + " |", "|---|" + "---|" * len(keeps)]
         for mode, row in analysis.items():
             lines.append(f"| {mode} | " + " | ".join(
-                f"{row[k]['acc1']:.1f}% / {row[k]['entropy']:.3f} / {row[k]['kl_from_full']:.3f}" for k in keeps) + " |")
+                f"{row[k]['acc1']:.1f}% / {row[k]['entropy']:.3f} / {row[k]['kl_from_full']:.3f}" for k in keeps)
+                + " |")
     figures = summary.get("figures") or {}
     if figures:
         lines += ["", "## Keep-frequency heat maps per epoch (paper Fig. 4/5)", "",

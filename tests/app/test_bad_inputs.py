@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, tiny, save_tiny_teacher
+from tinymodels import ROOT, tiny, save_tiny_teacher
 
 import main_maskedkd
 from maskedkd_app import checkpoint as checkpoint_module
@@ -415,7 +415,8 @@ def test_teacher_file_statistics_are_asked_for_not_guessed(teacher_ckpt, capsys)
     # timm's config for vit_small says 0.5/0.5 (its hub weights); the procedural pipeline normalises with
     # ImageNet's. Weights from a file could be either: the run must ask instead of re-normalising silently.
     argv = set_flag(FAST + STUDENT + distil(teacher_ckpt), "--teacher-model", "vit_small_patch16_224")
-    refused(argv, capsys, "--teacher-model vit_small_patch16_224", "mean 0.5 0.5 0.5", "--teacher-mean 0.485 0.456 0.406")
+    refused(argv, capsys, "--teacher-model vit_small_patch16_224", "mean 0.5 0.5 0.5",
+            "--teacher-mean 0.485 0.456 0.406")
     code, err, out = run_cli(argv + ["--teacher-mean", "0.485", "0.456", "0.406", "--teacher-std", "0.229", "0.224",
                                      "0.225"], capsys)
     assert code == 0, err

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import tiny
+from tinymodels import tiny
 from maskedkd_app.engine import NonFiniteLossError, evaluate, train_one_epoch
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny
+from tinymodels import tiny
 
 import main_maskedkd
 from deit_patch.masking import scheduled_keep_ratio

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, tiny, save_tiny_teacher
+from tinymodels import ROOT, tiny, save_tiny_teacher
 
 import main_maskedkd
 from maskedkd_app.checkpoint import read_checkpoint

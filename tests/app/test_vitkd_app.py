@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import tiny, save_tiny_teacher
+from tinymodels import tiny, save_tiny_teacher
 
 import main_maskedkd
 from deit_patch.features import ViTKDHeads

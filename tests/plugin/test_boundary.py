@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+from tinymodels import ROOT
 
 APP_PACKAGE = "maskedkd_app"
 

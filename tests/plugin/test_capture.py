@@ -6,7 +6,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from conftest import TIMM_CHECKPOINT_NON_REENTRANT, tiny
+from tinymodels import TIMM_CHECKPOINT_NON_REENTRANT, tiny
 from deit_patch.capture import AttentionCapture, CaptureError, unwrap_model
 
 
@@ -54,7 +54,8 @@ def test_outputs_and_grads_bitwise_identical_and_fused_kept(batch, monkeypatch):
     cap = AttentionCapture(b)
     calls = []
     real_sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *args, **kw: calls.append(1) or real_sdpa(*args, **kw))
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *args, **kw: calls.append(1) or real_sdpa(*args, **kw))
     outs = []
     for model in (a, b):
         model.train()

@@ -1,4 +1,5 @@
-"""A torch.compile'd student: the compiled model is run (never unwrapped) and compared with the same weights run eagerly.
+"""A torch.compile'd student: the compiled model is run (never unwrapped) and compared with the same weights run
+eagerly.
 
 Backends 'eager' and 'aot_eager' trace through dynamo exactly as inductor does (the hook question is dynamo's) without
 compiling C++; the inductor runs are opt-in (MASKEDKD_SLOW_TESTS=1): with a cold inductor cache the loss test alone
@@ -14,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import TIMM_CHECKPOINT_NON_REENTRANT, tiny
+from tinymodels import TIMM_CHECKPOINT_NON_REENTRANT, tiny
 import deit_patch.capture as capture_mod
 from deit_patch.capture import AttentionCapture, CaptureError
 from losses import MaskedDistillationLoss

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import tiny
+from tinymodels import tiny
 from deit_patch.cost import SupervisionCost, TokenMeter, count_gflops, student_gflops, teacher_gflops
 from losses import MaskedDistillationLoss
 

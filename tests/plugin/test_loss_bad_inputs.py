@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import tiny
+from tinymodels import tiny
 from deit_patch.capture import CaptureError
 from deit_patch.teacher_input import InputRenorm, TeacherInputError
 from losses import DistillationLoss, MaskedDistillationLoss

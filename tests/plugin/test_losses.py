@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import NUM_CLASSES, tiny
+from tinymodels import NUM_CLASSES, tiny
 from deit_patch.capture import CaptureError
 from deit_patch.teachers import UnsupportedTeacherError
 from losses import DistillationLoss, MaskedDistillationLoss

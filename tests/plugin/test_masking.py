@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import tiny
+from tinymodels import tiny
 from deit_patch.masking import random_indices, resample_scores, resolve_num_keep, select_patches
 from losses import MaskedDistillationLoss
 

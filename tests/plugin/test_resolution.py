@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import NUM_CLASSES, tiny
+from tinymodels import NUM_CLASSES, tiny
 from losses import MaskedDistillationLoss
 
 

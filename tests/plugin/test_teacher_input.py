@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import tiny
+from tinymodels import tiny
 from deit_patch.teacher_input import (IMAGENET_STATS, InputRenorm, TeacherInputError, TeacherStatsWarning,
                                       build_renorm)
 from losses import DistillationLoss, MaskedDistillationLoss

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from conftest import NUM_CLASSES, tiny
+from tinymodels import NUM_CLASSES, tiny
 from deit_patch.teachers import (TEACHER_FAMILIES, TeacherFamily, UnsupportedTeacherError, find_family,
                                  pruned_forward, register_family)
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import NUM_CLASSES, ROOT, tiny
+from tinymodels import NUM_CLASSES, ROOT, tiny
 from deit_patch.teachers import pruned_forward
 
 try:
@@ -276,8 +276,7 @@ def test_checkpoint_state_round_trips_through_timms_resume(tmp_path, caplog):
 # --- DDP: 2 CPU processes equal 1 -------------------------------------------------------------------------
 DDP_SCRIPT = """
 import os, sys, torch, torch.distributed as dist, torch.nn as nn
-sys.path[:0] = [{root!r}, {tests!r}]
-from conftest import tiny
+from tinymodels import tiny
 from deit_patch.timm_task import MaskedLogitDistillationTask
 
 def worker(rank, out):
@@ -313,11 +312,12 @@ def test_ddp_two_cpu_processes_equal_one(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     script = tmp_path / "ddp_task.py"
-    script.write_text(DDP_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"), port=port))
+    script.write_text(DDP_SCRIPT.format(port=port))
     out = str(tmp_path / "result")
     x, y = data(batch=8, seed=5)
     torch.save((x, y), out + ".batch")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, str(script), out], capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     ddp = torch.load(out + ".ddp")
@@ -335,9 +335,8 @@ def test_ddp_two_cpu_processes_equal_one(tmp_path):
 # --- python -m deit_patch.timm_train ------------------------------------------------------------------------
 FAKE_TRAIN = """
 import argparse, sys, torch, torch.nn as nn
-sys.path.insert(0, {tests!r})
 from timm.task import LogitDistillationTask
-from conftest import tiny
+from tinymodels import tiny
 parser = argparse.ArgumentParser()
 parser.add_argument("--kd-model-name")
 parser.add_argument("--kd-temperature", type=float)
@@ -356,7 +355,7 @@ if args.save_teacher:
 def test_cli_puts_the_masked_task_behind_train_pys_names(tmp_path, capsys, monkeypatch):
     from deit_patch.timm_train import main, run
     script = tmp_path / "train.py"
-    script.write_text(FAKE_TRAIN.format(tests=os.path.join(ROOT, "tests")))
+    script.write_text(FAKE_TRAIN)
     original = timm_task.LogitDistillationTask
     run(["--timm-train", str(script), "--kd-model-name", "tiny", "--num-keep", "6", "--kd-temperature", "3",
          "--no-flops"])

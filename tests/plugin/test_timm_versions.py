@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import NUM_CLASSES, tiny
+from tinymodels import NUM_CLASSES, tiny
 from deit_patch.capture import AttentionCapture, CaptureError
 from deit_patch.teachers import UnsupportedTeacherError, find_family, pruned_forward, verify_family
 from losses import DistillationLoss, MaskedDistillationLoss

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import NUM_CLASSES, tiny
+from tinymodels import NUM_CLASSES, tiny
 
 from deit_patch import features
 from deit_patch.features import FeatureKDError, vitkd_terms
