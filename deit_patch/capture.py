@@ -7,38 +7,21 @@ The hook never returns a value, so the student's outputs and gradients are untou
 """
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 import weakref
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from . import layout
+from .layout import unwrap_model, wrapper_chain  # noqa: F401  (re-exported: callers import them from here)
+
 
 class CaptureError(RuntimeError):
     """The student cannot provide attention scores, or the loss asked for scores it did not produce."""
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP (``.module``) and torch.compile (``._orig_mod``) wrappers, in any nesting."""
-    return wrapper_chain(model)[-1]
-
-
-def wrapper_chain(model: nn.Module) -> List[nn.Module]:
-    """``model``, then each module it wraps (DDP ``.module``, torch.compile ``._orig_mod``), down to the bare model."""
-    chain = [model]
-    while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel) or (
-            type(model).__name__ in ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
-            and isinstance(getattr(model, "module", None), nn.Module)
-        ):
-            model = model.module
-        else:
-            return chain
-        chain.append(model)
 
 
 def is_compiled(model: nn.Module) -> bool:
@@ -99,43 +82,72 @@ def find_last_attention(model: nn.Module) -> nn.Module:
     return found
 
 
-def patch_grid(model: nn.Module) -> Optional[Tuple[int, int]]:
-    """The model's patch grid (rows, cols) as built, or None if it has no ``patch_embed.grid_size``."""
-    grid = getattr(getattr(unwrap_model(model), "patch_embed", None), "grid_size", None)
-    return (int(grid[0]), int(grid[1])) if grid is not None else None
+# Position terms some attention modules add inside their forward: the scores rebuilt from qkv alone would miss them.
+_INNER_POSITION_ARGS = ("rope", "rel_pos_bias", "shared_rel_pos_bias", "shared_rel_pos")
+_INNER_POSITION_ATTRS = ("relative_position_bias_table", "rel_pos", "rope")
 
 
-def model_patch_grid(model: nn.Module, image_hw: Optional[Tuple[int, int]] = None) -> Optional[Tuple[int, int]]:
-    """A ViT's patch grid for an ``image_hw`` input: as built, or from the patch size for a dynamic-size model."""
-    model = unwrap_model(model)
-    patch_embed = getattr(model, "patch_embed", None)
-    built = patch_grid(model)
-    if image_hw is None or patch_embed is None or not getattr(model, "dynamic_img_size", False):
-        return built
-    ph, pw = _pair(getattr(patch_embed, "patch_size"))
-    if getattr(patch_embed, "dynamic_img_pad", False) or getattr(model, "dynamic_img_pad", False):
-        return -(-int(image_hw[0]) // ph), -(-int(image_hw[1]) // pw)  # padded up to whole patches
-    return int(image_hw[0]) // ph, int(image_hw[1]) // pw
+def _inner_position_term(attn: nn.Module) -> Optional[str]:
+    try:
+        params = inspect.signature(type(attn).forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    for name in _INNER_POSITION_ARGS:
+        if name in params:
+            return f"its forward takes `{name}`"
+    for name in _INNER_POSITION_ATTRS:
+        if getattr(attn, name, None) is not None:
+            return f"it holds `{name}`"
+    return None
 
 
-def _pair(value) -> Tuple[int, int]:
-    return (int(value[0]), int(value[1])) if isinstance(value, (tuple, list)) else (int(value), int(value))
+def class_token_owner(model: nn.Module, attn: nn.Module, *, role: str = "student") -> nn.Module:
+    """The module whose tokens ``attn`` attends over, checked to be a class-token ViT whose head reads that token.
 
-
-def expected_prefix_tokens(model: nn.Module) -> int:
-    """Tokens in front of the patches, from the model's attributes (callers verify it against real token counts).
-
-    timm >= 0.6 says ``num_prefix_tokens``, timm < 0.6 ``num_tokens``, DeiT's models_v2.py neither; DeiT's distilled
-    subclass of timm's ViT adds a ``dist_token`` that its ``num_prefix_tokens`` does not count. The tokens that exist
-    are counted instead:
-    class, distillation and register tokens, and the larger of the two answers wins.
+    Verified, not assumed: the module that makes the tokens (its ``patch_embed``) is found from the hooked
+    attention, so a ViT inside the user's own wrapper is read with its own class token and grid; the attention
+    must sit in that module's last block; the head must read the class token whose attention is taken; and the
+    attention must not add position terms of its own that the rebuilt scores would miss.
     """
-    model = unwrap_model(model)
-    stated = getattr(model, "num_prefix_tokens", getattr(model, "num_tokens", None))  # timm < 0.6: num_tokens
-    present = sum(int(getattr(model, name, None) is not None) for name in ("cls_token", "dist_token"))
-    registers = getattr(model, "reg_token", None)
-    present += int(registers.shape[1]) if isinstance(registers, torch.Tensor) and registers.dim() == 3 else 0
-    return max(int(stated), present) if isinstance(stated, int) else present
+    name = type(unwrap_model(model)).__name__
+    owner = layout.token_model(model, attn)
+    if owner is None:
+        raise CaptureError(
+            f"{role} {name}: no module containing its last attention block has a patch embedding (`patch_embed`), "
+            "so which of the attended tokens are patches cannot be told: pass the ViT itself (or a wrapper around "
+            "one timm/DeiT ViT), or use mask_mode='random'")
+    blocks = getattr(owner, "blocks", None)
+    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks):
+        if not any(m is attn for m in blocks[-1].modules()):
+            raise CaptureError(
+                f"{role} {name}: the last attention module ({type(attn).__name__}) is not in the last block of "
+                f"{type(owner).__name__}, so it is not the last-layer class-token attention MaskedKD reads: use "
+                "mask_mode='random', or a plain ViT/DeiT student")
+    reads = layout.class_token_is_read(owner)
+    if reads is not True:
+        pool = getattr(owner, "global_pool", None)
+        why = (f"pools its patch tokens (global_pool={pool!r}) instead of reading its class token"
+               if isinstance(getattr(owner, "cls_token", None), torch.Tensor) and reads is False
+               else "has no class token its head reads" if reads is False
+               else "does not say whether its head reads its class token")
+        raise CaptureError(
+            f"{role} {name} {why}, so the class-token attention does not say which patches its prediction used: "
+            "use mask_mode='random', or a student whose head reads its class token (global_pool='token')")
+    term = _inner_position_term(attn)
+    if term is not None:
+        raise CaptureError(
+            f"{role} {name}: its attention adds a position term inside the attention ({term}), which the "
+            "class-token attention rebuilt from qkv would miss: use a ViT/DeiT student, or mask_mode='random'")
+    if layout.prefix_tokens(owner) is None:
+        raise CaptureError(
+            f"{role} {name}: its class/register tokens and its position embedding disagree on how many tokens "
+            "precede the patches: use mask_mode='random'")
+    return owner
+
+
+def expected_prefix_tokens(model: nn.Module) -> Optional[int]:
+    """Deprecated alias of ``layout.prefix_tokens`` (losses.py still imports it from here)."""
+    return layout.prefix_tokens(model)
 
 
 def _find_is_compiling() -> Optional[Callable[[], bool]]:
@@ -192,9 +204,11 @@ class AttentionCapture:
     """
 
     def __init__(self, model: nn.Module, *, always: bool = False):
-        self.model = unwrap_model(model)
-        self.attn = find_last_attention(self.model)
-        self.grid = patch_grid(self.model)
+        self.attn = find_last_attention(model)
+        # The ViT whose tokens the hooked attention sees (inside a user's wrapper too): its grid and prefix count.
+        self.model = class_token_owner(model, self.attn, role="teacher" if always else "student")
+        self.prefix = layout.prefix_tokens(self.model)
+        self.grid = layout.patch_grid(self.model)
         self.always = always
         self.enabled = True
         self.compiled = is_compiled(model)
@@ -225,7 +239,7 @@ class AttentionCapture:
 
     def patch_grid_for(self, image_hw: Optional[Tuple[int, int]]) -> Optional[Tuple[int, int]]:
         """(rows, cols) of this model's patch grid for an ``image_hw`` input (None when it has no patch embedding)."""
-        return model_patch_grid(self.model, image_hw)
+        return layout.patch_grid(self.model, image_hw)
 
     def take(self, batch_size: int, *, image_hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """Scores (B, num_patches) of the last captured forward; consumed, so a stale batch can never be reused.
@@ -249,9 +263,9 @@ class AttentionCapture:
 
     def _num_patches(self, tokens: int, image_hw: Optional[Tuple[int, int]]) -> int:
         name = type(self.model).__name__
-        prefix = expected_prefix_tokens(self.model)
+        prefix = self.prefix
         grid = self.patch_grid_for(image_hw)
-        if grid is None:  # no patch embedding to ask: trust the prefix count, the only thing left to go on
+        if grid is None:  # the grid cannot be told: the prefix count (checked at construction) is what is left
             return tokens - prefix
         patches = grid[0] * grid[1]
         if tokens - patches != prefix:

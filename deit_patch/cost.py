@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .capture import unwrap_model
+from . import layout
+from .layout import unwrap_model
 from .teachers import PrunedTeacher
 
 
@@ -44,9 +45,11 @@ def count_gflops(module: nn.Module, inputs: Tuple[Any, ...], *, per: int = 1) ->
         return analysis.total() / 1e9 / per
 
 
-def _probe(model: nn.Module, img_size: Tuple[int, int], in_chans: int = 3) -> torch.Tensor:
+def _probe(model: nn.Module, img_size: Tuple[int, int]) -> torch.Tensor:
+    # The channels the model's first convolution takes; 3 (RGB) where that cannot be told.
     param = next(model.parameters())
-    return torch.zeros(1, in_chans, img_size[0], img_size[1], device=param.device, dtype=param.dtype)
+    channels = layout.input_channels(model) or 3
+    return torch.zeros(1, channels, img_size[0], img_size[1], device=param.device, dtype=param.dtype)
 
 
 def _fixed_keep(num_keep: int, device: torch.device) -> torch.Tensor:

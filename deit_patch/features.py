@@ -38,7 +38,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .capture import _in_backward, expected_prefix_tokens, patch_grid, unwrap_model
+from . import layout
+from .capture import _in_backward
+from .layout import unwrap_model
 
 
 class FeatureKDError(ValueError):
@@ -52,6 +54,23 @@ def _width(model: nn.Module, what: str) -> int:
             return value
     raise FeatureKDError(f"{what} {type(model).__name__} has no integer embed_dim/num_features to size the ViTKD "
                          "heads: use a timm ViT/DeiT-style model")
+
+
+def _token_model(model: nn.Module, what: str) -> nn.Module:
+    found = layout.token_model(model)
+    if found is None:
+        raise FeatureKDError(f"{what} {type(unwrap_model(model)).__name__} has no patch embedding (`patch_embed`) and "
+                             "token `blocks` to read, nor exactly one module inside with them: feature_kd='vitkd' "
+                             "needs a ViT-style model (timm vit_*/deit_*/cait_*)")
+    return found
+
+
+def _prefix(model: nn.Module, what: str) -> int:
+    prefix = layout.prefix_tokens(model)
+    if prefix is None:
+        raise FeatureKDError(f"{what} {type(model).__name__}: its class/register tokens and its position embedding "
+                             "disagree on how many tokens precede the patches, so its patch tokens cannot be told")
+    return prefix
 
 
 def _feature_modules(model: nn.Module, layers: Sequence[int], what: str) -> Tuple[List[nn.Module], nn.Module]:
@@ -104,16 +123,17 @@ class StudentFeatures:
     """The student's shallow block outputs and final-norm output (patch tokens), for the batch just seen."""
 
     def __init__(self, model: nn.Module, layers: Sequence[int]):
-        self.model = unwrap_model(model)
+        # The ViT that makes the tokens: the model itself, or the one ViT inside the user's wrapper.
+        self.model = _token_model(model, "student")
         self.layers = tuple(int(i) for i in layers)
-        self.grid = patch_grid(self.model)
+        self.grid = layout.patch_grid(self.model)
         if self.grid is None:
-            raise FeatureKDError(f"student {type(self.model).__name__} has no patch_embed.grid_size: ViTKD needs the "
-                                 "patch grid to drop prefix tokens and lay tokens out as an image")
+            raise FeatureKDError(f"student {type(self.model).__name__}: its patch grid cannot be told from its patch "
+                                 "embedding, and ViTKD needs it to drop prefix tokens and lay tokens out as an image")
         self.num_patches = self.grid[0] * self.grid[1]
         # What the model's attributes say (class/distillation/register tokens, any timm); take() checks it against
         # the tokens really produced: tokens - grid patches must equal it.
-        self.allowed_prefix = (expected_prefix_tokens(self.model),)
+        self.allowed_prefix = (_prefix(self.model, "student"),)
         shallow, norm = _feature_modules(self.model, self.layers, "student")
         self.enabled = True
         self._features: Dict[int, torch.Tensor] = {}
@@ -150,13 +170,13 @@ class TeacherFeatures:
     """Hooks on the teacher's shallow blocks and final norm, attached only inside ``tap()``."""
 
     def __init__(self, model: nn.Module, layers: Sequence[int], *, block_prefix: Optional[int] = None):
-        self.model = unwrap_model(model)
+        self.model = _token_model(model, "teacher")
         self.layers = tuple(int(i) for i in layers)
         shallow, norm = _feature_modules(self.model, self.layers, "teacher")
         self.modules = list(shallow) + [norm]
         # Tokens entering the blocks are exactly what the family's embed produced (block_prefix in front); the
         # final norm may see another prefix (CaiT adds its class token after the self-attention blocks).
-        known = {expected_prefix_tokens(self.model)} | ({block_prefix} if block_prefix is not None else set())
+        known = {_prefix(self.model, "teacher")} | ({block_prefix} if block_prefix is not None else set())
         self.block_prefix = (block_prefix,) if block_prefix is not None else tuple(sorted(known))
         self.norm_prefix = tuple(sorted(known))
         self._features: Dict[int, torch.Tensor] = {}
@@ -294,7 +314,7 @@ class ViTKD(nn.Module):
         s_model, t_model = unwrap_model(student), unwrap_model(teacher)
         self.student_features = StudentFeatures(s_model, layers)
         self.teacher_features = TeacherFeatures(t_model, layers, block_prefix=teacher_prefix)
-        t_grid = patch_grid(t_model)
+        t_grid = layout.patch_grid(self.teacher_features.model)
         if t_grid != self.student_features.grid:
             raise FeatureKDError(f"ViTKD pairs student and teacher tokens position by position, but the student's "
                                  f"patch grid is {self.student_features.grid} and the teacher's {t_grid}: use models "
@@ -302,7 +322,8 @@ class ViTKD(nn.Module):
         self.grid = self.student_features.grid
         self.num_patches = self.student_features.num_patches
         self.num_masked = self.num_patches - int(self.num_patches * (1 - self.mask_ratio))
-        self.student_dim, self.teacher_dim = _width(s_model, "student"), _width(t_model, "teacher")
+        self.student_dim = _width(self.student_features.model, "student")
+        self.teacher_dim = _width(self.teacher_features.model, "teacher")
         self.heads = ViTKDHeads(student_dim=self.student_dim, teacher_dim=self.teacher_dim, num_shallow=len(layers))
         self.heads.grid = self.grid
         param = next(s_model.parameters(), None)

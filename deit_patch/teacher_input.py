@@ -14,7 +14,9 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .capture import unwrap_model
+from . import layout
+from .layout import input_channels  # noqa: F401  (deprecated here: maskedkd_app imports it from this module)
+from .layout import unwrap_model
 
 Stats = Tuple[Tuple[float, ...], Tuple[float, ...]]
 IMAGENET_STATS: Stats = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -134,21 +136,10 @@ def build_renorm(*, student: Optional[nn.Module], teacher: nn.Module,
     return renorm
 
 
-def input_channels(model: Optional[nn.Module]) -> Optional[int]:
-    """Channels a patch-token model's input must have (its patch projection's), or None when it cannot be read.
-
-    Only the patch embedding is asked: for other models the first convolution in module order is not reliably the
-    one the input meets, and a wrong answer here would refuse valid input.
-    """
-    proj = getattr(getattr(unwrap_model(model), "patch_embed", None), "proj", None) if model is not None else None
-    channels = getattr(proj, "in_channels", None)
-    return int(channels) if isinstance(channels, int) else None
-
-
 def check_channels(*, teacher: nn.Module, samples: Optional[torch.Tensor] = None,
                    student: Optional[nn.Module] = None) -> None:
     """Refuse a batch (or a student) whose channel count the teacher cannot take, before its forward fails deep."""
-    expected = input_channels(teacher)
+    expected = layout.input_channels(teacher)
     if expected is None:
         return
     name = type(unwrap_model(teacher)).__name__
@@ -157,7 +148,7 @@ def check_channels(*, teacher: nn.Module, samples: Optional[torch.Tensor] = None
             f"teacher {name} takes {expected}-channel images but the batch has shape {tuple(samples.shape)}: feed "
             f"(B, {expected}, H, W) (e.g. convert grayscale to RGB in the data pipeline, or build the teacher with "
             f"in_chans={samples.shape[1] if samples.dim() == 4 else '?'} and weights for it)")
-    given = input_channels(student)
+    given = layout.input_channels(student)
     if given is not None and given != expected:
         raise TeacherInputError(
             f"student takes {given}-channel images but teacher {name} takes {expected}: both must see the same "
@@ -167,12 +158,12 @@ def check_channels(*, teacher: nn.Module, samples: Optional[torch.Tensor] = None
 def check_resolution(teacher: nn.Module, image_hw: Tuple[int, int]) -> None:
     """Refuse, with the fix, an input size a fixed-size patch-token teacher would reject deep in its forward."""
     model = unwrap_model(teacher)
+    if layout.is_dynamic_size(model):
+        return  # dynamic ViTs resample their position embedding themselves
+    expected = layout.built_image_size(model)
     patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is None or getattr(model, "dynamic_img_size", False):
-        return  # CNNs take any size; dynamic ViTs resample their position embedding themselves
-    expected = getattr(patch_embed, "img_size", None)
     if expected is None or not getattr(patch_embed, "strict_img_size", True):
-        return
+        return  # CNNs take any size; a model that does not state one cannot be checked here
     if tuple(expected) != tuple(image_hw):
         raise TeacherInputError(
             f"teacher {type(model).__name__} was built for {tuple(expected)} input but the batch is {tuple(image_hw)}: "

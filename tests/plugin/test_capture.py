@@ -168,3 +168,65 @@ def test_ddp_wrapped_student(batch, tmp_path):
         torch.testing.assert_close(cap.take(4), explicit_cls_attention(model, x))
     finally:
         dist.destroy_process_group()
+
+
+def test_student_inside_a_user_wrapper_is_read_with_its_own_class_token(batch):
+    # The token layout is found through the module that holds the hooked attention: the wrapper has no class
+    # token or grid of its own, and reading its attention as 17 "patches" would count the class token as one.
+    x, _ = batch
+    vit = tiny("deit_tiny_patch16_224")
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = vit
+
+        def forward(self, images):
+            return self.backbone(images)
+
+    wrapper = Wrapper()
+    cap = AttentionCapture(wrapper)
+    wrapper.train()
+    wrapper(x)
+    got = cap.take(4, image_hw=(32, 32))
+    assert got.shape == (4, 16)
+    torch.testing.assert_close(got, explicit_cls_attention(vit, x), rtol=1e-5, atol=1e-6)
+
+
+def test_student_pooling_its_patches_is_refused_for_attention_masking():
+    # A class token the head never reads: its attention does not say which patches the prediction used.
+    try:
+        student = tiny("vit_small_patch16_224", global_pool="avg")
+    except TypeError:
+        pytest.skip(f"timm {timm.__version__} has no global_pool on its ViT")
+    assert student.cls_token is not None
+    with pytest.raises(CaptureError, match="global_pool='avg'.*mask_mode='random'"):
+        AttentionCapture(student)
+
+
+def test_avg_pooled_student_is_refused_by_the_loss_and_random_masking_still_works(batch):
+    import torch.nn as nn
+    from losses import MaskedDistillationLoss
+    x, y = batch
+    try:
+        student = tiny("vit_small_patch16_224", global_pool="avg", seed=1)
+    except TypeError:
+        pytest.skip(f"timm {timm.__version__} has no global_pool on its ViT")
+    teacher = tiny("deit_tiny_patch16_224")
+    with pytest.raises(CaptureError, match="mask_mode='random'"):
+        MaskedDistillationLoss(nn.CrossEntropyLoss(), teacher, "soft", 0.5, 1.0, student=student, keep_ratio=0.5)
+    loss = MaskedDistillationLoss(nn.CrossEntropyLoss(), teacher, "soft", 0.5, 1.0, student=student, keep_ratio=0.5,
+                                  mask_mode="random")
+    assert torch.isfinite(loss(x, student.train()(x), y))
+
+
+def test_student_whose_attention_adds_a_rotary_embedding_is_refused():
+    if not timm.list_models("eva02_tiny_patch14_224"):
+        pytest.skip(f"timm {timm.__version__} has no EVA-02")
+    from deit_patch.tiny_builds import TINY_BUILDS, build_tiny
+    try:
+        student = build_tiny(TINY_BUILDS["eva.Eva"], global_pool="token")
+    except Exception as err:
+        pytest.skip(f"timm {timm.__version__} cannot build the tiny EVA-02: {err}")
+    with pytest.raises(CaptureError, match="position term inside the attention"):
+        AttentionCapture(student)
