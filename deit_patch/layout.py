@@ -96,11 +96,19 @@ def built_image_size(model: nn.Module) -> Optional[Grid]:
 
 def _built_grid(model: nn.Module, embed: nn.Module) -> Optional[Grid]:
     grid = _pair(getattr(embed, "grid_size", None))
+    count = getattr(embed, "num_patches", None)
     if grid is None and _unit_grid(model) is not None:
         return _unit_grid(model)
-    if grid is None or min(grid) < 1:
+    if grid is None:
+        # No grid_size (XCiT's ConvPatchEmbed): image size over patch size, only where the embedding's own
+        # num_patches confirms it (an overlapping embedding states no count and gets no grid).
+        size, patch = _pair(getattr(embed, "img_size", None)), _pair(getattr(embed, "patch_size", None))
+        if size is None or patch is None or not isinstance(count, int) or hasattr(embed, "backbone"):
+            return None
+        grid = size[0] // patch[0], size[1] // patch[1]
+        return grid if grid[0] * grid[1] == count and min(grid) >= 1 else None
+    if min(grid) < 1:
         return None
-    count = getattr(embed, "num_patches", None)
     if isinstance(count, int) and count != grid[0] * grid[1]:
         return None  # the embedding contradicts itself
     return grid
@@ -110,7 +118,7 @@ def patch_grid(model: nn.Module, image_hw: Optional[Sequence[int]] = None) -> Op
     """(rows, cols) of the model's patch grid: as built, or for an ``image_hw`` input; None when it cannot tell.
 
     The built grid is the patch embedding's ``grid_size`` (checked against its ``num_patches``; Hiera's
-    ``tokens_spatial_shape``). For another input size the grid is known only for a model that follows the input
+    ``tokens_spatial_shape``; image over patch size where ``num_patches`` confirms it, as in XCiT). For another input size the grid is known only for a model that follows the input
     (``is_dynamic_size``): its patch embedding's own ``dynamic_feat_size`` where it has one (timm >= 0.9, which
     pads up to whole patches under ``dynamic_img_pad``), else the patch size, rounded the way the embedding pads.
     A fixed-size model at another size has no grid to tell (its forward refuses the input or its position
@@ -190,10 +198,15 @@ def class_token_is_read(model: nn.Module) -> Optional[bool]:
     """Whether the model's head reads its class token (token 0); None when it cannot tell.
 
     timm's ViTs say so in ``global_pool`` ('token'; 'avg', 'max', 'map' pool the patches instead); models without
-    the attribute (timm < 0.6, DeiT's own models) read ``x[:, 0]`` when they have a class token.
+    the attribute (timm < 0.6, DeiT's own models) read ``x[:, 0]`` when they have a class token. The class token
+    may live on the model or on its patch embedding (NaFlexViT).
     """
     model = unwrap_model(model)
-    if not isinstance(getattr(model, "cls_token", None), torch.Tensor):
+    embed = _patch_embed(model)
+    token = getattr(model, "cls_token", None)
+    if token is None and embed is not None:
+        token = getattr(embed, "cls_token", None)
+    if not isinstance(token, torch.Tensor):
         return False
     pool = getattr(model, "global_pool", None)
     if pool is None:

@@ -270,7 +270,6 @@ UNMASKABLE_STRUCTURE: Dict[str, str] = {
     "Visformer": _CONV_MAPS + " and attention over downsampled maps",
     "VisionTransformerSAM": "windowed attention over a fixed grid and a convolutional neck",
     "VOLO": "outlooker blocks that aggregate each token's neighbourhood on the full grid (fold/unfold)",
-    "Xcit": "local patch interaction (depthwise convolutions over the full grid) in every block",
     "Hiera": "this timm's Hiera has no mask-unit forward (forward_features(x, mask=...))",
 }
 
@@ -625,6 +624,54 @@ def _naflex_forward(model: nn.Module, images: torch.Tensor, keep_idx: Optional[t
 
 
 register_family(TeacherFamily("naflexvit", _is_timm("naflexvit", "NaFlexVit"), forward=_naflex_forward))
+
+
+# --- XCiT: cross-covariance attention on the kept tokens; its local patch interaction on the grid they came from --
+@contextlib.contextmanager
+def _local_mixing_on_kept(modules: Sequence[nn.Module], keep_idx: Optional[torch.Tensor],
+                          num_patches: int) -> Iterator[None]:
+    """For one call: each ``module(x, H, W)`` (a depthwise convolution over the patch grid) sees the kept tokens
+    scattered to their places on a zero grid, and returns its output at the kept places.
+
+    The dropped places hold zeros, as Hiera's MAE path zeroes dropped pixels: the teacher sees only kept patches.
+    The override lives in the instance ``__dict__`` for the duration of the call only.
+    """
+    if keep_idx is None:
+        yield
+        return
+
+    def on_kept(own: Callable, module: nn.Module, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        index = keep_idx.to(x.device).unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        grid = x.new_zeros(x.shape[0], num_patches, x.shape[-1]).scatter(1, index, x)
+        return torch.gather(own(module, grid, height, width), 1, index)
+    try:
+        for module in modules:
+            module.__dict__["forward"] = functools.partial(on_kept, type(module).forward, module)
+        yield
+    finally:
+        for module in modules:
+            module.__dict__.pop("forward", None)
+
+
+def _xcit_forward(model: nn.Module, images: torch.Tensor, keep_idx: Optional[torch.Tensor]) -> torch.Tensor:
+    patches, (rows, cols) = model.patch_embed(images)
+    if getattr(model, "pos_embed", None) is not None:
+        patches = patches + model.pos_embed(patches.shape[0], rows, cols).reshape(
+            patches.shape[0], -1, patches.shape[1]).permute(0, 2, 1)
+    tokens = model.pos_drop(patches)
+    if keep_idx is not None:
+        tokens = gather_patches(tokens, keep_idx, 0)
+    with _local_mixing_on_kept([block.local_mp for block in model.blocks], keep_idx, rows * cols):
+        for block in model.blocks:
+            tokens = block(tokens, rows, cols)
+    tokens = torch.cat([model.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+    for block in model.cls_attn_blocks:
+        tokens = block(tokens)
+    return model.forward_head(model.norm(tokens))
+
+
+# The class token only joins in the class-attention blocks at the end (as CaiT): the blocks see patches alone.
+register_family(TeacherFamily("xcit", _is_timm("xcit", "Xcit"), forward=_xcit_forward, num_prefix=lambda model: 0))
 
 
 # --- Hiera: whole mask units through the model's own MAE path (forward_features(x, mask=...)) ----------------

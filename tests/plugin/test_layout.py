@@ -130,7 +130,7 @@ def test_token_model_finds_the_vit_inside_a_wrapper():
     assert layout.patch_grid(nn.Linear(3, 3)) is None
 
 
-@pytest.mark.parametrize("family", ["xcit.Xcit", "crossvit.CrossVit", "mvitv2.MultiScaleVit", "pvt_v2."
+@pytest.mark.parametrize("family", ["crossvit.CrossVit", "mvitv2.MultiScaleVit", "pvt_v2."
                                     "PyramidVisionTransformerV2", "tiny_vit.TinyVit", "swin_transformer."
                                     "SwinTransformer", "efficientvit_mit.EfficientVit"])
 def test_grid_questions_on_other_token_layouts_answer_or_say_none(family):
@@ -140,3 +140,11 @@ def test_grid_questions_on_other_token_layouts_answer_or_say_none(family):
     stated = getattr(embed, "grid_size", None) if not isinstance(embed, nn.ModuleList) else None
     assert grid == (tuple(int(v) for v in stated) if stated is not None else None)
     assert layout.input_channels(model) in (3, None)
+
+
+def test_xcit_grid_from_image_and_patch_size_matches_the_tokens_it_makes():
+    model = build("xcit.Xcit")
+    assert getattr(model.patch_embed, "grid_size", None) is None
+    with torch.no_grad():
+        tokens, (rows, cols) = model.patch_embed(torch.zeros(1, 3, 32, 32))
+    assert layout.patch_grid(model) == (rows, cols) and tokens.shape[1] == rows * cols == layout.num_patches(model)
