@@ -118,9 +118,10 @@ def patch_grid(model: nn.Module, image_hw: Optional[Sequence[int]] = None) -> Op
     """(rows, cols) of the model's patch grid: as built, or for an ``image_hw`` input; None when it cannot tell.
 
     The built grid is the patch embedding's ``grid_size`` (checked against its ``num_patches``; Hiera's
-    ``tokens_spatial_shape``; image over patch size where ``num_patches`` confirms it, as in XCiT). For another input size the grid is known only for a model that follows the input
-    (``is_dynamic_size``): its patch embedding's own ``dynamic_feat_size`` where it has one (timm >= 0.9, which
-    pads up to whole patches under ``dynamic_img_pad``), else the patch size, rounded the way the embedding pads.
+    ``tokens_spatial_shape``; image over patch size where ``num_patches`` confirms it, as in XCiT). For another
+    input size the grid is known only for a model that follows the input (``is_dynamic_size``): its patch
+    embedding's own ``dynamic_feat_size`` where it has one (timm >= 0.9, which pads up to whole patches under
+    ``dynamic_img_pad``), else the patch size, rounded the way the embedding pads.
     A fixed-size model at another size has no grid to tell (its forward refuses the input or its position
     embedding does not fit).
     """
