@@ -1,0 +1,69 @@
+"""Every timm family the coverage command lists distils unmasked through the loss, as DeiT's loss runs it.
+
+One tiny build per family (deit_patch/tiny_builds.py). The few families whose smallest build is still tens of
+millions of weights run only with MASKEDKD_FULL_SWEEP=1. A family this timm lacks, or cannot build with the
+table's arguments (written for timm 1.0.x), is skipped saying so.
+"""
+import os
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+from tinymodels import NUM_CLASSES
+from deit_patch import layout
+from deit_patch.teachers import UnsupportedTeacherError, find_family, require_family
+from deit_patch.tiny_builds import TINY_BUILDS, build_tiny
+from losses import MaskedDistillationLoss
+
+FULL = os.environ.get("MASKEDKD_FULL_SWEEP") == "1"
+FAMILIES = [key for key, entry in TINY_BUILDS.items() if FULL or not entry.slow]
+STATS = dict(teacher_mean=(0.5,) * 3, teacher_std=(0.5,) * 3, student_mean=(0.5,) * 3, student_std=(0.5,) * 3)
+
+
+def teacher_for(family: str) -> nn.Module:
+    entry = TINY_BUILDS[family]
+    if not timm.list_models(entry.model):
+        pytest.skip(f"timm {timm.__version__} has no {entry.model}")
+    try:
+        return build_tiny(entry)
+    except Exception as err:
+        pytest.skip(f"timm {timm.__version__} cannot build the tiny {family}: {type(err).__name__}: {err}")
+
+
+def student_for(img: int) -> nn.Module:
+    torch.manual_seed(1)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img, patch_size=img // 4,
+                             embed_dim=32, depth=2, num_heads=2, num_classes=NUM_CLASSES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_distils_unmasked(family, request):
+    teacher = teacher_for(family)
+    img = TINY_BUILDS[family].img
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 3, img, img, generator=g), torch.randint(0, NUM_CLASSES, (2,), generator=g)
+    with torch.no_grad():
+        out = teacher(x)
+    student = student_for(img)
+    if not isinstance(out, torch.Tensor) or out.shape != (2, NUM_CLASSES):
+        # an encoder (num_classes=0): no logits to distil, and the loss says so before any step
+        with pytest.raises(ValueError, match="classes"):
+            MaskedDistillationLoss(nn.CrossEntropyLoss(), teacher, "soft", 0.5, 1.0, student=student,
+                                   keep_ratio=1.0, **STATS)
+        return
+    if hasattr(teacher, "patch_embed") and layout.patch_grid(teacher) is None:
+        # losses.py (the lead's to change) still reads teacher_grid() whenever a teacher has a patch_embed
+        request.node.add_marker(pytest.mark.xfail(strict=True, raises=UnsupportedTeacherError, reason=(
+            "losses.py asks teachers.teacher_grid for any teacher with a patch_embed, even unmasked: the "
+            "MaskedTeacher refactor must ask layout.patch_grid and accept None")))
+    loss_fn = MaskedDistillationLoss(nn.CrossEntropyLoss(), teacher, "soft", 0.5, 1.0, student=student,
+                                     keep_ratio=1.0, **STATS)
+    assert not loss_fn.masking
+    loss = loss_fn(x, student.train()(x), y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    if find_family(teacher) is None:  # the refusal to mask names the structure and the unmasked way
+        with pytest.raises(UnsupportedTeacherError, match=r"cannot be masked: .+keep_ratio=1\.0.+as DeiT"):
+            require_family(teacher)
