@@ -82,22 +82,29 @@ def find_last_attention(model: nn.Module) -> nn.Module:
     return found
 
 
-# Position terms some attention modules add inside their forward: the scores rebuilt from qkv alone would miss them.
+# Terms some attention modules add inside their forward: the scores rebuilt from the qkv output alone would miss them.
 _INNER_POSITION_ARGS = ("rope", "rel_pos_bias", "shared_rel_pos_bias", "shared_rel_pos")
 _INNER_POSITION_ATTRS = ("relative_position_bias_table", "rel_pos", "rope")
 
 
-def _inner_position_term(attn: nn.Module) -> Optional[str]:
+def _unreadable_attention(attn: nn.Module) -> Optional[str]:
+    """Why the class-token scores cannot be rebuilt from this module's ``qkv`` output, or None if they can."""
     try:
         params = inspect.signature(type(attn).forward).parameters
     except (TypeError, ValueError):
         params = {}
     for name in _INNER_POSITION_ARGS:
         if name in params:
-            return f"its forward takes `{name}`"
+            return f"a position term inside the attention (its forward takes `{name}`)"
     for name in _INNER_POSITION_ATTRS:
         if getattr(attn, name, None) is not None:
-            return f"it holds `{name}`"
+            return f"a position term inside the attention (it holds `{name}`)"
+    for name in ("q_bias", "v_bias"):
+        if getattr(attn, name, None) is not None:  # BEiT adds them outside the qkv Linear the hook reads
+            return f"a `{name}` added outside the qkv projection"
+    kv_heads = getattr(attn, "num_kv_heads", None)
+    if isinstance(kv_heads, int) and kv_heads != attn.num_heads:
+        return f"grouped-query heads ({kv_heads} key/value heads for {attn.num_heads} queries)"
     return None
 
 
@@ -133,11 +140,11 @@ def class_token_owner(model: nn.Module, attn: nn.Module, *, role: str = "student
         raise CaptureError(
             f"{role} {name} {why}, so the class-token attention does not say which patches its prediction used: "
             "use mask_mode='random', or a student whose head reads its class token (global_pool='token')")
-    term = _inner_position_term(attn)
+    term = _unreadable_attention(attn)
     if term is not None:
         raise CaptureError(
-            f"{role} {name}: its attention adds a position term inside the attention ({term}), which the "
-            "class-token attention rebuilt from qkv would miss: use a ViT/DeiT student, or mask_mode='random'")
+            f"{role} {name}: its attention has {term}, which the class-token attention rebuilt from the qkv "
+            "output would miss: use a ViT/DeiT student, or mask_mode='random'")
     if layout.prefix_tokens(owner) is None:
         raise CaptureError(
             f"{role} {name}: its class/register tokens and its position embedding disagree on how many tokens "

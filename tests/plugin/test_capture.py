@@ -230,3 +230,17 @@ def test_student_whose_attention_adds_a_rotary_embedding_is_refused():
         pytest.skip(f"timm {timm.__version__} cannot build the tiny EVA-02: {err}")
     with pytest.raises(CaptureError, match="position term inside the attention"):
         AttentionCapture(student)
+
+
+def test_student_whose_attention_adds_biases_outside_qkv_is_refused():
+    # BEiT's q/v biases are added in its forward, after the qkv Linear the hook reads (and its rel. pos. bias).
+    if not timm.list_models("beit_base_patch16_224"):
+        pytest.skip(f"timm {timm.__version__} has no BEiT")
+    from deit_patch.tiny_builds import TinyBuild, build_tiny
+    try:
+        student = build_tiny(TinyBuild("beit_base_patch16_224", dict(
+            img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, global_pool="token")))
+    except Exception as err:
+        pytest.skip(f"timm {timm.__version__} cannot build the tiny BEiT: {err}")
+    with pytest.raises(CaptureError, match="would miss"):
+        AttentionCapture(student)
