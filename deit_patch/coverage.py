@@ -136,7 +136,9 @@ def coverage(names: Optional[Sequence[str]] = None, *, build_unknown: bool = Tru
             warnings.simplefilter("ignore")
             try:
                 if tiny:
-                    model, img = build_tiny(entry), entry.img
+                    model = build_tiny(entry)
+                    built = layout.built_image_size(model)  # another timm may keep its own size
+                    img = built[0] if built is not None and built[0] == built[1] else entry.img
                 elif build_unknown:
                     model, img = _default_build(example), 224
                 else:

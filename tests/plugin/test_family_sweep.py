@@ -11,7 +11,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from tinymodels import NUM_CLASSES
+from tinymodels import NUM_CLASSES, tiny
 from deit_patch import layout
 from deit_patch.teachers import UnsupportedTeacherError, find_family, require_family
 from deit_patch.tiny_builds import TINY_BUILDS, build_tiny
@@ -33,19 +33,22 @@ def teacher_for(family: str) -> nn.Module:
 
 
 def student_for(img: int) -> nn.Module:
-    torch.manual_seed(1)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img, patch_size=img // 4,
-                             embed_dim=32, depth=2, num_heads=2, num_classes=NUM_CLASSES)
+    return tiny("deit_tiny_patch16_224", img_size=img, patch_size=img // 4, seed=1)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_distils_unmasked(family, request):
     teacher = teacher_for(family)
     img = TINY_BUILDS[family].img
+    if layout.built_image_size(teacher) not in (None, (img, img)):
+        pytest.skip(f"timm {timm.__version__} builds the tiny {family} for {layout.built_image_size(teacher)} px")
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, 3, img, img, generator=g), torch.randint(0, NUM_CLASSES, (2,), generator=g)
-    with torch.no_grad():
-        out = teacher(x)
+    try:
+        with torch.no_grad():
+            out = teacher(x)
+    except Exception as err:  # the model's own forward, before any plugin code (TResNet on timm 0.4 needs InplaceABN)
+        pytest.skip(f"the tiny {family}'s own forward fails on timm {timm.__version__}: {type(err).__name__}: {err}")
     student = student_for(img)
     if not isinstance(out, torch.Tensor) or out.shape != (2, NUM_CLASSES):
         # an encoder (num_classes=0): no logits to distil, and the loss says so before any step
