@@ -287,8 +287,8 @@ def _checked_criterion(args, **kwargs):
         raise preflight.RunError(
             f"--model {args.model} ({kind}) has no class-token self-attention for --mask-mode {args.mask_mode} to "
             "read: use a ViT/DeiT --model, or --mask-mode random, or --keep-ratio 1.0") from None
-    if not args.train_mode and getattr(criterion, "masking", False) and getattr(criterion, "capture", None) \
-            is not None and not criterion.capture.always:
+    capture = criterion.masked_teacher.capture if criterion.masked_teacher is not None else None
+    if not args.train_mode and capture is not None and not capture.always:
         raise preflight.RunError(
             f"--no-train-mode runs the student in eval mode, where its attention is not read, but --mask-mode "
             f"{args.mask_mode} masks by it: drop --no-train-mode, or pass --mask-mode random or --keep-ratio 1.0")

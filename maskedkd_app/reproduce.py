@@ -343,7 +343,7 @@ def masked_teacher_analysis(p: Dict, *, teacher_path: Path, student_dir: Path, n
                 for (x, y), full in zip(batches, full_probs):
                     with torch.enable_grad():  # the hook records training forwards only (train mode, grad on)
                         student(x)
-                    probs = criterion.teacher_logits(x).softmax(-1)
+                    probs = criterion.masked_teacher(x)[0].softmax(-1)
                     correct += int((probs.argmax(-1) == y).sum())
                     entropy += float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).sum())
                     kl += float((full * (full.clamp_min(1e-12).log() - probs.clamp_min(1e-12).log())).sum(-1).sum())
