@@ -25,6 +25,9 @@ from deit_patch.teachers import find_family
 Outputs = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 DISTILLATION_TYPES = ("none", "soft", "hard")
 KD_REDUCTIONS = ("numel", "batchmean")
+# LossStep.terms key -> the name pop_stats reports its per-epoch mean under
+LOSS_TERMS = {"base": "loss_base", "kd": "loss_kd", "logit": "loss_logit", "mimic": "loss_vitkd_mimic",
+              "generation": "loss_vitkd_gen"}
 __all__ = ["DEFAULT_KEEP_RATIO", "DistillationLoss", "LossStep", "MaskedDistillationLoss", "hard_kd", "soft_kd"]
 
 
@@ -117,6 +120,7 @@ class DistillationLoss(nn.Module):
         self.masked_teacher: Optional[MaskedTeacher] = None
         self.feature_kd: Optional[nn.Module] = None
         self.last_step: Optional[LossStep] = None
+        self._term_sums: Optional[torch.Tensor] = None  # LOSS_TERMS and the step count, detached, on the device
         self.__dict__["_idle_teacher"] = teacher_model  # distillation_type='none': kept for callers, never run
         if distillation_type == "none":
             return
@@ -140,7 +144,7 @@ class DistillationLoss(nn.Module):
         outputs, outputs_kd = split_outputs(outputs)
         base_loss = self.base_criterion(outputs, labels)
         if self.distillation_type == "none":
-            self.last_step = LossStep(teacher=None, terms={"base": base_loss.detach()})
+            self._record(LossStep(teacher=None, terms={"base": base_loss.detach()}))
             return base_loss
         if inputs.shape[0] != outputs.shape[0]:
             raise ValueError(f"the loss got {inputs.shape[0]} samples but {outputs.shape[0]} student outputs: pass "
@@ -148,7 +152,7 @@ class DistillationLoss(nn.Module):
         # The teacher: prefix tokens + the patches kept for this batch (all of them when nothing is masked).
         # With feature KD its block outputs are tapped during this same call, so features cost no extra pass.
         with self.feature_kd.tap() if self.feature_kd is not None else contextlib.nullcontext():
-            teacher_logits, keep_idx = self.masked_teacher(inputs)
+            teacher_logits, keep_idx = self.masked_teacher(inputs, labels=labels)
         if teacher_logits.shape != outputs_kd.shape:
             raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
                              f"{tuple(outputs_kd.shape)} differ: teacher and student must predict the same classes")
@@ -157,19 +161,20 @@ class DistillationLoss(nn.Module):
         else:
             kd = hard_kd(outputs_kd, teacher_logits)
         loss = base_loss * (1 - self.alpha) + kd * self.alpha
-        terms = {"base": base_loss.detach(), "kd": kd.detach()}
+        terms = {"base": base_loss.detach(), "kd": kd.detach(), "logit": loss.detach()}
         if self.feature_kd is not None:  # ViTKD: at the teacher's kept positions when it is masked
             mimic, generation = self.feature_kd(inputs.shape[0], keep_idx=keep_idx)
-            self._add_terms(loss, mimic, generation)
             terms.update(mimic=mimic.detach(), generation=generation.detach())
             loss = loss + mimic + generation
-        self.last_step = LossStep(teacher=self.masked_teacher.last_step, terms=terms)
+        self._record(LossStep(teacher=self.masked_teacher.last_step, terms=terms))
         return loss
 
-    def _add_terms(self, logit: torch.Tensor, mimic: torch.Tensor, generation: torch.Tensor) -> None:
-        terms = torch.stack([logit.detach().float(), mimic.detach().float(), generation.detach().float()])
-        self._term_sums = terms if getattr(self, "_term_sums", None) is None else self._term_sums + terms
-        self._term_steps = getattr(self, "_term_steps", 0) + 1
+    def _record(self, step: LossStep) -> None:
+        # Sums stay on the device; pop_stats reads them once per epoch.
+        zero = step.terms["base"].new_zeros((), dtype=torch.float64)
+        row = torch.stack([step.terms[k].double() if k in step.terms else zero for k in LOSS_TERMS] + [zero + 1])
+        self._term_sums = row if self._term_sums is None else self._term_sums + row
+        self.last_step = step
 
     # --- what the training loop and the user read -------------------------------------------------------------
     @property
@@ -181,6 +186,25 @@ class DistillationLoss(nn.Module):
     def meter(self) -> TokenMeter:
         """Teacher tokens processed since the last reset (an empty meter without a teacher)."""
         return self.masked_teacher.meter if self.masked_teacher is not None else TokenMeter()
+
+    def pop_stats(self, *, all_reduce: bool = False) -> Dict[str, float]:
+        """Per-epoch figures since the last call, then reset (one host sync): the mean of each loss term
+        (``loss_base``, ``loss_kd``, ``loss_logit`` = (1 - alpha) base + alpha kd, ViTKD's ``loss_vitkd_mimic`` and
+        ``loss_vitkd_gen``) and the teacher's (``MaskedTeacher.pop_stats``: patch share, prefix tokens, top-1,
+        entropy, probe, guard). ``all_reduce``: over torch.distributed ranks (every rank must call it).
+        """
+        sums, self._term_sums = self._term_sums, None
+        out: Dict[str, float] = {}
+        if sums is not None:
+            if all_reduce:
+                torch.distributed.all_reduce(sums)
+            *totals, steps = sums.tolist()
+            present = set(self.last_step.terms) if self.last_step is not None else set()
+            out.update({LOSS_TERMS[k]: total / max(steps, 1.0) for k, total in zip(LOSS_TERMS, totals)
+                        if k in present})
+        if self.masked_teacher is not None:
+            out.update(self.masked_teacher.pop_stats(all_reduce=all_reduce))
+        return out
 
     def stats(self) -> Dict[str, float]:
         """Teacher tokens processed since the last reset (for logs)."""
@@ -215,6 +239,13 @@ class MaskedDistillationLoss(DistillationLoss):
     a smaller last batch is padded to the compiled batch size instead of triggering a recompile.
     ``teacher_dtype`` converts the teacher module you pass in place: pass a copy if you also use it in fp32.
 
+    Is masking helping? ``pop_stats()`` gives per epoch the masked teacher's top-1 on the training labels and its
+    entropy (free), and a fidelity probe's comparison with the full teacher and a random mask of the same size
+    (every ``probe_every`` steps on ``probe_images`` images; default: within 1% of the teacher's tokens). When the
+    chosen mask is markedly worse than random, ``mask_guard='warn'`` warns (``MaskGuardWarning``) and 'fallback'
+    also switches the run to ``guard_fallback`` ('random' patches, or 'full'); ``guard_state()`` is what to
+    checkpoint and ``load_guard_state`` restores it (a switch included).
+
     The loss itself is ``DistillationLoss.forward``; this class only builds a masking ``MaskedTeacher`` and, with
     ``feature_kd='vitkd'``, the ViTKD feature terms.
     """
@@ -227,7 +258,8 @@ class MaskedDistillationLoss(DistillationLoss):
                  teacher_dtype: Optional[torch.dtype] = None, compile_teacher: bool = False,
                  feature_kd: Optional[str] = None, vitkd_alpha: float = 3e-5, vitkd_beta: float = 3e-6,
                  vitkd_mask_ratio: float = 0.5, vitkd_layers: Sequence[int] = (0, 1),
-                 vitkd_generator: Optional[torch.Generator] = None):
+                 vitkd_generator: Optional[torch.Generator] = None, probe_every: Optional[int] = None,
+                 probe_images: int = 8, mask_guard: str = "warn", guard_fallback: str = "random"):
         super().__init__(base_criterion, teacher_model, distillation_type, alpha, tau, kd_reduction=kd_reduction,
                          student=student, teacher_mean=teacher_mean, teacher_std=teacher_std,
                          student_mean=student_mean, student_std=student_std, renormalize=True)
@@ -238,15 +270,15 @@ class MaskedDistillationLoss(DistillationLoss):
             compile_teacher=compile_teacher, alpha=vitkd_alpha, beta=vitkd_beta, mask_ratio=vitkd_mask_ratio,
             layers=tuple(vitkd_layers), generator=vitkd_generator,
             teacher_prefix=family.num_prefix(unwrap_model(teacher_model)) if family is not None else None)
-        self._term_sums: Optional[torch.Tensor] = None  # (logit part, mimic, generation), detached, on device
-        self._term_steps = 0
         check_mask_mode(mask_mode)
         self.mask_mode = mask_mode
         if distillation_type == "none":
             return  # the teacher never runs and nothing is hooked
         self.masked_teacher = MaskedTeacher(teacher_model, student=student, keep_ratio=keep_ratio, num_keep=num_keep,
                                             mask_mode=mask_mode, renorm=self.masked_teacher.renorm,
-                                            teacher_dtype=teacher_dtype, compile_teacher=compile_teacher)
+                                            teacher_dtype=teacher_dtype, compile_teacher=compile_teacher,
+                                            probe_every=probe_every, probe_images=probe_images,
+                                            mask_guard=mask_guard, guard_fallback=guard_fallback)
 
     # --- the masked teacher's settings, as the loss's (keep-ratio schedules, logs) -----------------------------
     @property
@@ -277,22 +309,14 @@ class MaskedDistillationLoss(DistillationLoss):
         """Optimizer param groups for the heads (decay on weights; none on biases and the mask token)."""
         return self.feature_heads.param_groups(weight_decay) if self.feature_kd is not None else []
 
-    def pop_loss_terms(self, *, all_reduce: bool = False) -> Dict[str, float]:
-        """Mean per step of each loss term since the last call, then reset (one host sync; {} without features).
+    def guard_state(self) -> dict:
+        """The mask guard's decisions, for a checkpoint (``MaskedTeacher.guard_state``)."""
+        return self.masked_teacher.guard_state() if self.masked_teacher is not None else {}
 
-        ``all_reduce``: average over torch.distributed ranks (every rank must call it).
-        """
-        if self.feature_kd is None:
-            return {}
-        device = next(self.feature_kd.heads.parameters()).device
-        sums = self._term_sums if self._term_sums is not None else torch.zeros(3, device=device)
-        packed = torch.cat([sums.double(), sums.new_tensor([self._term_steps], dtype=torch.float64)])
-        if all_reduce:
-            torch.distributed.all_reduce(packed)
-        self._term_sums, self._term_steps = None, 0
-        logit, mimic, generation, steps = packed.tolist()
-        steps = max(steps, 1.0)
-        return {"loss_logit": logit / steps, "loss_vitkd_mimic": mimic / steps, "loss_vitkd_gen": generation / steps}
+    def load_guard_state(self, state: Optional[dict]) -> None:
+        """Restore a checkpoint's guard decisions; a recorded fallback switch is applied again."""
+        if self.masked_teacher is not None:
+            self.masked_teacher.load_guard_state(state)
 
     def remove_hooks(self) -> None:
         """Detach the attention hook (and the feature hooks); the student is left exactly as before."""

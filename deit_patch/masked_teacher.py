@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,7 @@ import torch.nn as nn
 from .capture import AttentionCapture, CaptureError, expected_prefix_tokens, unwrap_model
 from .cost import SupervisionCost, TokenMeter, student_gflops, teacher_gflops
 from .masking import MASK_MODES, choose_patches, resolve_num_keep
+from .quality import FidelityProbe, MaskGuard, TeacherQuality
 from .teacher_input import InputRenorm, check_channels, check_resolution
 from .teachers import PrunedTeacher, find_family, pruned_forward, require_family, teacher_grid, verify_family
 
@@ -74,11 +75,19 @@ class MaskedTeacher(nn.Module):
             as timm's ``DistillationTeacher.normalize_input`` makes it).
         teacher_dtype: convert the teacher's weights to this dtype in place (the fast path); logits come back float.
         compile_teacher: compile the pruned forward (static shapes: a smaller batch is padded, not recompiled).
+        probe_every / probe_images: the fidelity probe (``quality.FidelityProbe``): every ``probe_every`` steps (None:
+            as often as 1% of the teacher's tokens allows; 0: never), the full teacher and a random mask of the same
+            size on ``probe_images`` images of the batch, as references for the chosen mask.
+        mask_guard: what to do when the probes show the chosen mask markedly worse than a random one: 'warn'
+            (default), 'fallback' (also switch the run to ``guard_fallback``: 'random' patches at the same keep
+            count, or 'full', every patch) or 'off'.
     """
 
     def __init__(self, teacher: nn.Module, *, student: Optional[nn.Module] = None, keep_ratio: Optional[float] = None,
                  num_keep: Optional[int] = None, mask_mode: str = "attention", renorm: Optional[InputRenorm] = None,
-                 teacher_dtype: Optional[torch.dtype] = None, compile_teacher: bool = False):
+                 teacher_dtype: Optional[torch.dtype] = None, compile_teacher: bool = False,
+                 probe_every: Optional[int] = None, probe_images: int = 8, mask_guard: str = "warn",
+                 guard_fallback: str = "random"):
         super().__init__()
         check_mask_mode(mask_mode)
         check_num_keep(num_keep)
@@ -94,9 +103,13 @@ class MaskedTeacher(nn.Module):
         self.num_patches = self.num_keep = None
         self.prefix = 0
         self.__dict__["_compiled"] = None  # not a child: the compiled forward shares the teacher's parameters
+        self._labels: Optional[torch.Tensor] = None  # set by ``labels_for`` when the caller cannot pass them
         self._compiled_batch = 0
         self._compile_kwargs: dict = {"dynamic": False}
         self._keep_cache: dict = {}
+        self.quality = TeacherQuality()
+        self.probe = FidelityProbe(every=probe_every, images=probe_images)
+        self.guard = MaskGuard(action=mask_guard, fallback=guard_fallback)
         teacher.eval()
         if teacher_dtype is not None:
             teacher.to(dtype=teacher_dtype)
@@ -199,18 +212,22 @@ class MaskedTeacher(nn.Module):
         x = self.renorm(images) if self.renorm is not None else images
         return x.to(self.teacher_dtype) if self.teacher_dtype is not None else x
 
-    def forward(self, images: torch.Tensor, scores: Optional[torch.Tensor] = None
-                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, images: torch.Tensor, scores: Optional[torch.Tensor] = None, *,
+                labels: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(teacher logits, kept patch indices (B, K) or None) for ``images`` in the student's statistics.
 
         ``scores`` (B, student patches): patch scores to choose from instead of the hooked attention (optional).
+        ``labels``: the batch's targets, for the teacher's logged top-1 (class indices, or soft mixup targets).
         """
+        if labels is None:
+            labels = self._labels
         # bf16 weights: the caller's autocast (fp16 in DeiT) would recast them op by op and, fp16 around a bf16
         # teacher, fail in torch.cat (class token bf16, patch embedding fp16).
         no_autocast = (torch.autocast(device_type=images.device.type, enabled=False)
                        if self.teacher_dtype is not None else contextlib.nullcontext())
         with no_autocast, torch.no_grad():
-            logits, keep_idx = self._masked(images, scores) if self.masking else (self._full(images), None)
+            logits, keep_idx = self._masked(images, scores, labels) if self.masking else (self._full(images), None)
+            self.quality.update(logits, labels)
         return (logits.float() if self.teacher_dtype is not None else logits), keep_idx
 
     def _full(self, images: torch.Tensor) -> torch.Tensor:
@@ -218,7 +235,7 @@ class MaskedTeacher(nn.Module):
         self._count(images, kept=None, keep_idx=None)
         return logits
 
-    def _masked(self, images: torch.Tensor, scores: Optional[torch.Tensor]
+    def _masked(self, images: torch.Tensor, scores: Optional[torch.Tensor], labels: Optional[torch.Tensor]
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.capture is None and scores is None and MASK_MODES[self.mask_mode][1] is not None:
             raise CaptureError(f"this loss's attention hook was removed by remove_hooks(), so mask_mode="
@@ -233,8 +250,17 @@ class MaskedTeacher(nn.Module):
             return self._full(images), None
         x = self.prepare_input(images)
         keep_idx = self._choose(x, scores, batch=batch, image_hw=image_hw, grid=grid, kept=kept)
+        patches = grid[0] * grid[1]
+        probing = self.probe.due(batch=batch, patches=patches, kept=kept, prefix=self.prefix)
+        # The references run before the step's own pruned pass, so what hooks record last (ViTKD's teacher
+        # features) is that pass.
+        references = self._probe_references(x, patches=patches, kept=kept) if probing else None
         logits = self._run_pruned(x, keep_idx)
         self._count(images, kept=kept, keep_idx=keep_idx, grid=grid)
+        if references is not None:
+            count = references[0].shape[0]
+            self._judge(self.probe.record(full=references[0], random=references[1], chosen=logits[:count],
+                                          labels=labels[:count] if labels is not None else None))
         return logits, keep_idx
 
     def _choose(self, x: torch.Tensor, scores: Optional[torch.Tensor], *, batch: int, image_hw: Tuple[int, int],
@@ -268,6 +294,86 @@ class MaskedTeacher(nn.Module):
             x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
             keep_idx = torch.cat([keep_idx, keep_idx[-1:].expand(pad, -1)])
         return self.__dict__["_compiled"](x, keep_idx)[:batch]
+
+    # --- is masking helping? (quality.py) ---------------------------------------------------------------------
+    def _probe_references(self, x: torch.Tensor, *, patches: int, kept: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The full teacher and the teacher on a random mask of ``kept`` patches, on the batch's first images."""
+        few = x[:self.probe.images]
+        capture = self.capture if self.capture is not None and self.capture.always else None
+        if capture is not None:
+            capture.enabled = False  # 'teacher' mode: these passes must not leave scores behind
+        try:
+            full = self.teacher(few)
+            random_idx = self.probe.random_keep(few.shape[0], patches, kept, few.device)
+            random = pruned_forward(self.teacher, few, random_idx, self.family)
+        finally:
+            if capture is not None:
+                capture.enabled = True
+        extra = few.shape[0] * ((patches + self.prefix) + (kept + self.prefix))
+        self.meter.probe_tokens += extra
+        return full, random
+
+    def _judge(self, result) -> None:
+        if not self.guard.active or self.mask_mode == "random":  # random masks are the reference, not judged
+            return
+        verdict = self.guard.check(result, reduce=_all_reduce)
+        if verdict is None:
+            return
+        self.guard.fired_since_pop = True
+        first = self.guard.fired is None
+        if first:
+            self.guard.fired = verdict
+        message = self.guard.message(verdict, mask_mode=self.mask_mode, kept=self.num_keep, patches=self.num_patches)
+        if self.guard.action == "fallback":
+            self.apply_fallback(reason=verdict)
+            self.guard.warn(message)
+        elif first:
+            self.guard.warn(message)
+
+    def apply_fallback(self, *, reason: Optional[dict] = None) -> None:
+        """Switch this run to the guard's fallback: random patches at the same keep count, or every patch."""
+        before = self.mask_mode
+        if self.guard.fallback == "random":
+            self.mask_mode = "random"
+            self.remove_hooks()  # random masks read no scores
+        else:
+            self.mask_mode = NO_MASK
+            self.remove_hooks()
+            self.family = None  # the unmodified teacher from now on
+        self.guard.switched = {"from": before, "to": self.mask_mode, "at_step": self.probe.steps,
+                               "window": dict(reason or {})}
+
+    def guard_state(self) -> dict:
+        """What the guard decided (for checkpoints): its settings, the first verdict and any fallback switch."""
+        return self.guard.state()
+
+    def load_guard_state(self, state: Optional[dict]) -> None:
+        """Restore a checkpoint's guard decisions; a recorded fallback switch is applied again."""
+        if not state:
+            return
+        self.guard.fired = state.get("fired")
+        switched = state.get("switched")
+        if switched and self.guard.switched is None and self.masking:
+            self.apply_fallback(reason=switched.get("window"))
+            self.guard.switched = dict(switched)
+
+    def pop_stats(self, *, all_reduce: bool = False) -> Dict[str, float]:
+        """The teacher's figures since the last call, then reset: patch share, prefix tokens, top-1, entropy, the
+        probe's comparisons and the guard's state (one host sync; ``all_reduce`` sums over torch.distributed ranks,
+        and every rank must then call it)."""
+        reduce = _all_reduce if all_reduce else (lambda t: t)
+        meter = self.meter
+        out: Dict[str, float] = {}
+        if meter.images:
+            out.update(teacher_patch_share=meter.patch_share, teacher_prefix_tokens=meter.prefix_tokens / meter.images,
+                       teacher_tokens_per_img=meter.tokens / meter.images)
+        out.update(self.quality.pop(reduce))
+        if self.masking or self.guard.switched:
+            out.update(self.probe.pop(reduce))
+            out["mask_guard_fired"] = float(self.guard.fired_since_pop)
+            self.guard.fired_since_pop = False
+        meter.reset()
+        return out
 
     def compile_pruned(self, **compile_kwargs: Any) -> None:
         """Compile the pruned forward with these ``torch.compile`` arguments (the mask choice stays eager)."""
@@ -314,6 +420,15 @@ class MaskedTeacher(nn.Module):
         return (f"teacher sees {self.num_keep}/{self.num_patches} patches + {self.prefix} prefix tokens, chosen by "
                 f"mask_mode={self.mask_mode!r} ({self.family.name} teacher)")
 
+    @contextlib.contextmanager
+    def labels_for(self, labels: Optional[torch.Tensor]) -> Iterator[None]:
+        """The batch's labels for calls made inside (timm's task calls the teacher without them)."""
+        self._labels = labels
+        try:
+            yield
+        finally:
+            self._labels = None
+
     def remove_hooks(self) -> None:
         """Detach the attention hook; the student is left exactly as it was."""
         if self.capture is not None:
@@ -324,6 +439,13 @@ class MaskedTeacher(nn.Module):
         if not self.masking:
             return "unmasked"
         return f"mask_mode={self.mask_mode!r}, num_keep={self.num_keep}/{self.num_patches}, family={self.family.name}"
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        tensor = tensor.clone()
+        torch.distributed.all_reduce(tensor)
+    return tensor
 
 
 class _GivenScores:

@@ -24,6 +24,7 @@ import torch.nn as nn
 from .capture import unwrap_model
 from .cost import SupervisionCost, TokenMeter
 from .masked_teacher import MaskedTeacher, check_mask_mode, check_num_keep
+from .quality import quality_summary
 
 try:
     from timm.task import LogitDistillationTask
@@ -116,6 +117,8 @@ class _MaskedTaskMixin:
     timm_base: type = nn.Module  # the timm.task class extended (set by each task class)
     task_defaults: Dict[str, Any] = {}
     log_supervision_cost: bool = False
+    #: log the masked teacher's figures (quality.quality_summary) every this many steps when verbose; 0: never
+    log_quality_every: int = 500
 
     def _init_masked(self, args: tuple, kwargs: Dict[str, Any], masking: Dict[str, Any]) -> None:
         given = bind_task_args(type(self), args, kwargs)
@@ -132,15 +135,18 @@ class _MaskedTaskMixin:
             if not isinstance(bound.get("teacher_model"), str):
                 raise
             raise weights_error(bound["teacher_model"], bound.get("teacher_pretrained_path"), err) from err
-        self._setup_masking(keep_ratio=masking["keep_ratio"], num_keep=masking["num_keep"],
-                            mask_mode=masking["mask_mode"] or "attention")
+        options = {key: value for key, value in masking.items() if value is not None}  # None: the default
+        options.setdefault("mask_mode", "attention")
+        self._setup_masking(**options)
 
-    def _setup_masking(self, *, keep_ratio: Optional[float], num_keep: Optional[int], mask_mode: str) -> None:
+    def _setup_masking(self, *, mask_mode: str, keep_ratio: Optional[float] = None, num_keep: Optional[int] = None,
+                       **monitor: Any) -> None:
         check_mask_mode(mask_mode)
         check_num_keep(num_keep)
+        self._quality_steps = 0
         # renorm=None: timm's DistillationTeacher.normalize_input already gives the teacher its own statistics.
         masked = MaskedTeacher(self.teacher.model, student=_student_of(self), keep_ratio=keep_ratio,
-                               num_keep=num_keep, mask_mode=mask_mode)
+                               num_keep=num_keep, mask_mode=mask_mode, **monitor)
         self.teacher_patches = masked.num_patches or 0
         self.masked_teacher: Optional[MaskedTeacher] = None
         if not masked.masking:
@@ -154,10 +160,23 @@ class _MaskedTaskMixin:
 
     # --- timm's hooks into the task -----------------------------------------------------------------------
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, Any]:
-        result = super().forward(input, target)
-        step = self.masked_teacher.last_step if self.masked_teacher is not None else None
-        result["num_keep"] = step.num_kept if step is not None else self.teacher_patches
+        if self.masked_teacher is None:
+            result = super().forward(input, target)
+            result["num_keep"] = self.teacher_patches
+            return result
+        with self.masked_teacher.labels_for(target):  # timm calls the teacher without them
+            result = super().forward(input, target)
+        result["num_keep"] = self.masked_teacher.last_step.num_kept
+        self._quality_steps += 1
+        if getattr(self, "verbose", False) and self.log_quality_every and \
+                self._quality_steps % self.log_quality_every == 0:
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            _logger.info(f"{type(self).__name__}: {quality_summary(self.pop_stats(all_reduce=distributed))}")
         return result
+
+    def pop_stats(self, *, all_reduce: bool = False) -> Dict[str, float]:
+        """The masked teacher's figures since the last call (``MaskedTeacher.pop_stats``), then reset."""
+        return self.masked_teacher.pop_stats(all_reduce=all_reduce) if self.masked_teacher is not None else {}
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs: Any):
         # timm's train.py passes device_ids=[device] also on CPU, which DDP refuses for CPU modules: there the
@@ -198,7 +217,8 @@ class _MaskedTaskMixin:
         return {"mask_mode": masked.mask_mode if masked is not None else "none",
                 "num_keep": masked.num_keep if masked is not None else self.teacher_patches,
                 "num_patches": self.teacher_patches, "teacher_images": meter.images,
-                "teacher_tokens": meter.tokens, "teacher_tokens_full": meter.tokens_full}
+                "teacher_tokens": meter.tokens, "teacher_tokens_full": meter.tokens_full,
+                "guard": masked.guard_state() if masked is not None else None}
 
     def _load_masked_task_state(self, state: Dict[str, Any]) -> None:
         now = self._masked_task_state()
@@ -208,6 +228,7 @@ class _MaskedTaskMixin:
             _logger.warning(f"{type(self).__name__}: the checkpoint was trained with other masking settings "
                             f"({', '.join(changed)}); continuing with the current ones")
         if self.masked_teacher is not None:
+            self.masked_teacher.load_guard_state(state.get("guard"))  # a fallback switch survives the resume
             meter = self.masked_teacher.meter
             meter.images = int(state.get("teacher_images", 0))
             meter.tokens = int(state.get("teacher_tokens", 0))
@@ -224,7 +245,7 @@ class _MaskedTaskMixin:
         """Teacher tokens processed since the last reset, against the full teacher's (for logs)."""
         meter = self.masked_teacher.meter if self.masked_teacher is not None else TokenMeter()
         return {"teacher_images": meter.images, "teacher_tokens": meter.tokens,
-                "teacher_tokens_kept_frac": meter.kept_fraction}
+                "teacher_tokens_kept_frac": meter.kept_fraction, "teacher_patch_share": meter.patch_share}
 
     def supervision_cost(self, *, img_size: Optional[Tuple[int, int]] = None) -> SupervisionCost:
         """fvcore GFLOPs/img of the teacher (full and masked) and the student, at ``img_size`` (default: the
@@ -281,15 +302,23 @@ if has_logit_task:
           keep_ratio: fraction of teacher patches kept (default 0.5 with a patch-token teacher, 1.0 with a CNN),
           num_keep: an absolute count instead (98 of 196 in the paper),
           mask_mode: 'attention' (default: the student's last-layer class-token attention), 'random',
-            'teacher' (analysis only: an extra full teacher pass) or 'none'.
-        ``task(input, target)`` returns timm's dict plus ``num_keep`` (teacher patches kept per image this step).
+            'teacher' (analysis only: an extra full teacher pass) or 'none',
+          mask_guard / guard_fallback / probe_every / probe_images: is masking helping? as in ``MaskedTeacher``
+            (default: a probe within 1% of the teacher's tokens, and a warning when the chosen mask is markedly
+            worse than a random one).
+        ``task(input, target)`` returns timm's dict plus ``num_keep`` (teacher patches kept per image this step);
+        ``pop_stats()`` the masked teacher's figures (also logged every ``log_quality_every`` steps).
         """
 
         timm_base = LogitDistillationTask
 
         def __init__(self, *args: Any, keep_ratio: Optional[float] = None, num_keep: Optional[int] = None,
-                     mask_mode: Optional[str] = None, **kwargs: Any):
-            self._init_masked(args, kwargs, {"keep_ratio": keep_ratio, "num_keep": num_keep, "mask_mode": mask_mode})
+                     mask_mode: Optional[str] = None, mask_guard: Optional[str] = None,
+                     guard_fallback: Optional[str] = None, probe_every: Optional[int] = None,
+                     probe_images: Optional[int] = None, **kwargs: Any):
+            self._init_masked(args, kwargs, dict(keep_ratio=keep_ratio, num_keep=num_keep, mask_mode=mask_mode,
+                                                 mask_guard=mask_guard, guard_fallback=guard_fallback,
+                                                 probe_every=probe_every, probe_images=probe_images))
 else:
     class MaskedLogitDistillationTask(_Unavailable):
         """Needs timm >= 1.0.23 (``timm.task.LogitDistillationTask``); this timm has none."""
@@ -309,8 +338,12 @@ if has_token_task:
         timm_base = TokenDistillationTask
 
         def __init__(self, *args: Any, keep_ratio: Optional[float] = None, num_keep: Optional[int] = None,
-                     mask_mode: Optional[str] = None, **kwargs: Any):
-            self._init_masked(args, kwargs, {"keep_ratio": keep_ratio, "num_keep": num_keep, "mask_mode": mask_mode})
+                     mask_mode: Optional[str] = None, mask_guard: Optional[str] = None,
+                     guard_fallback: Optional[str] = None, probe_every: Optional[int] = None,
+                     probe_images: Optional[int] = None, **kwargs: Any):
+            self._init_masked(args, kwargs, dict(keep_ratio=keep_ratio, num_keep=num_keep, mask_mode=mask_mode,
+                                                 mask_guard=mask_guard, guard_fallback=guard_fallback,
+                                                 probe_every=probe_every, probe_images=probe_images))
 else:
     class MaskedTokenDistillationTask(_Unavailable):
         """Needs timm >= 1.0.25 (``timm.task.TokenDistillationTask``); this timm has none."""

@@ -86,7 +86,7 @@ def _arm_record(arm: str, out: Path, seconds: float) -> Dict:
     return {"student_acc1": last["test_acc1"], "student_max_acc1": max(line["test_acc1"] for line in lines),
             "teacher_gflops": last.get("teacher_gflops_per_img", 0.0) if ARMS[arm] else 0.0,
             "teacher_gflops_full": last.get("teacher_gflops_full"),
-            "teacher_tokens_kept": last.get("train_teacher_tokens_kept"), "seconds": seconds}
+            "teacher_patch_share": last.get("train_teacher_patch_share"), "seconds": seconds}
 
 
 def run_demo(args, main_fn: Callable, parse_fn: Callable[[List[str]], object], cfg: Optional[Dict] = None) -> Dict:

@@ -21,7 +21,7 @@ def test_demo_table_from_its_own_runs(tmp_path, capsys):
         last = json.loads((tmp_path / demo.arm_dir(name) / "log.txt").read_text().splitlines()[-1])
         assert a["student_acc1"] == last["test_acc1"]
     assert none["teacher_gflops"] == 0 and full["teacher_gflops"] == full["teacher_gflops_full"] > 0
-    assert masked["teacher_tokens_kept"] == (1 + 32) / (1 + 64)   # keep 0.5 of the 8x8 grid + class token
+    assert masked["teacher_patch_share"] == 32 / 64   # keep 0.5 of the 8x8 grid
     saved = 1 - masked["teacher_gflops"] / full["teacher_gflops"]
     assert 0.3 < saved < 0.6
     # The table prints every arm with its top-1, GFLOPs and the saving computed from them.

@@ -48,7 +48,7 @@ def test_logged_keep_follows_schedule_and_cost_integrates_it(tmp_path):
     assert [l["teacher_num_keep"] for l in lines] == [16, 10, 4, 4]
     assert [l["keep_ratio"] for l in lines] == pytest.approx([1.0, 10 / 16, 0.25, 0.25])
     # what the teacher really processed (the loss's own token meter): class token + kept patches
-    assert [l["train_teacher_tokens_kept"] for l in lines] == pytest.approx([(1 + k) / 17 for k in (16, 10, 4, 4)])
+    assert [l["train_teacher_patch_share"] for l in lines] == pytest.approx([k / 16 for k in (16, 10, 4, 4)])
     per_epoch = [l["teacher_gflops_per_img"] for l in lines]
     assert per_epoch[0] > per_epoch[1] > per_epoch[2] == per_epoch[3]
     cost = json.loads((out / "supervision_cost.json").read_text())

@@ -77,8 +77,9 @@ def test_one_epoch_runs(kind, student, keep, image_folder, teacher_ckpt, tmp_pat
     assert line["epoch"] == 0 and torch.isfinite(torch.tensor(line["train_loss"]))
     for key in ("train_lr", "test_acc1", "test_acc5", "train_images_per_s", "train_epoch_seconds"):
         assert key in line
-    kept = line["train_teacher_tokens_kept"]
-    assert kept == pytest.approx((1 + 8) / 17 if keep == "0.5" else 1.0)
+    # the share of the teacher's patches it saw, and its prefix (class) token apart
+    assert line["train_teacher_patch_share"] == pytest.approx(0.5 if keep == "0.5" else 1.0)
+    assert line["train_teacher_prefix_tokens"] == 1
     assert (out / "checkpoint.pth").exists() and stats["test_acc1"] == line["test_acc1"]
 
 
