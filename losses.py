@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -61,6 +63,13 @@ def split_outputs(outputs: Outputs) -> Tuple[torch.Tensor, torch.Tensor]:
     return cls_out, dist_out
 
 
+def _check_finite(**values: object) -> None:
+    # NaN slips through every range test (all comparisons with it are False): refuse it where it enters.
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            raise ValueError(f"{name}={value!r} must be a finite number")
+
+
 def _num_classes(model: nn.Module) -> Optional[int]:
     value = getattr(unwrap_model(model), "num_classes", None)
     return int(value) if isinstance(value, int) else None
@@ -73,6 +82,10 @@ def _check_class_counts(student: Optional[nn.Module], teacher: nn.Module) -> Non
     if s is not None and t is not None and s != t:
         raise ValueError(f"teacher predicts {t} classes but the student {s}: create the teacher with "
                          f"num_classes={s} and weights trained on the student's classes")
+
+
+class FeatureHeadsWarning(UserWarning):
+    """The feature-distillation heads are not being trained (not in the optimizer)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,7 @@ class DistillationLoss(nn.Module):
                              "'batchmean' the MaskedKD paper code's")
         if distillation_type != "none" and teacher_model is None:
             raise ValueError(f"distillation_type={distillation_type!r} needs a teacher_model (or use 'none')")
+        _check_finite(alpha=alpha)
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"alpha={alpha} must lie in [0, 1]: loss = (1 - alpha) * base + alpha * kd")
         if not math.isfinite(float(tau)) or float(tau) <= 0:  # NaN passes a `<= 0` test and poisons every step
@@ -164,10 +178,28 @@ class DistillationLoss(nn.Module):
         terms = {"base": base_loss.detach(), "kd": kd.detach(), "logit": loss.detach()}
         if self.feature_kd is not None:  # ViTKD: at the teacher's kept positions when it is masked
             mimic, generation = self.feature_kd(inputs.shape[0], keep_idx=keep_idx)
+            self._check_heads_train()
             terms.update(mimic=mimic.detach(), generation=generation.detach())
             loss = loss + mimic + generation
         self._record(LossStep(teacher=self.masked_teacher.last_step, terms=terms))
         return loss
+
+    def _check_heads_train(self) -> None:
+        # ViTKD's heads are the loss's own parameters: an optimizer built from the student alone never updates
+        # them, and the feature terms then train nothing. On the third call (two optimizer steps after the first),
+        # heads that get gradients but have not moved are reported; one host sync, once.
+        self._head_calls = getattr(self, "_head_calls", 0) + 1
+        params = [p for p in self.feature_kd.heads.parameters() if p.requires_grad]
+        if self._head_calls == 1:
+            self._head_sums = torch.stack([p.detach().double().sum() for p in params])
+        elif self._head_calls == 3:
+            moved = not torch.equal(self._head_sums, torch.stack([p.detach().double().sum() for p in params]))
+            graded = any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params)
+            if graded and not moved:
+                warnings.warn("the ViTKD heads (criterion.feature_heads) get gradients but have not changed after two "
+                              "steps: they are not in your optimizer, so the feature terms train nothing. Add them: "
+                              "for group in criterion.feature_param_groups(weight_decay): "
+                              "optimizer.add_param_group(group)", FeatureHeadsWarning, stacklevel=3)
 
     def _record(self, step: LossStep) -> None:
         # Sums stay on the device; pop_stats reads them once per epoch.
@@ -263,6 +295,8 @@ class MaskedDistillationLoss(DistillationLoss):
         super().__init__(base_criterion, teacher_model, distillation_type, alpha, tau, kd_reduction=kd_reduction,
                          student=student, teacher_mean=teacher_mean, teacher_std=teacher_std,
                          student_mean=student_mean, student_std=student_std, renormalize=True)
+        if feature_kd is not None:
+            _check_finite(vitkd_alpha=vitkd_alpha, vitkd_beta=vitkd_beta, vitkd_mask_ratio=vitkd_mask_ratio)
         # ViTKD feature distillation (deit_patch/features.py): its trainable heads are children of this loss.
         family = find_family(teacher_model) if teacher_model is not None else None
         self.feature_kd = build_feature_kd(

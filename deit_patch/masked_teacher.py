@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, Optional, Tuple
 
@@ -29,6 +30,10 @@ from .teacher_input import InputRenorm, check_channels, check_resolution
 from .teachers import PrunedTeacher, find_family, pruned_forward, require_family, teacher_grid, verify_family
 
 DEFAULT_KEEP_RATIO = 0.5  # the paper's 98 of 196 patches
+
+
+class TeacherModeWarning(UserWarning):
+    """The teacher was switched to train mode after the loss was built; it is put back in eval mode."""
 NO_MASK = "none"
 
 
@@ -104,6 +109,7 @@ class MaskedTeacher(nn.Module):
         self.prefix = 0
         self.__dict__["_compiled"] = None  # not a child: the compiled forward shares the teacher's parameters
         self._labels: Optional[torch.Tensor] = None  # set by ``labels_for`` when the caller cannot pass them
+        self._warned_train = False
         self._compiled_batch = 0
         self._compile_kwargs: dict = {"dynamic": False}
         self._keep_cache: dict = {}
@@ -113,6 +119,8 @@ class MaskedTeacher(nn.Module):
         teacher.eval()
         if teacher_dtype is not None:
             teacher.to(dtype=teacher_dtype)
+        self._dtype_given = teacher_dtype is not None
+        self._follow_teacher_dtype()
         self._resolve_keep(keep_ratio, num_keep)
         if self.masking:
             verify_family(teacher, self.family)  # before any hook: one probe pass, refuses a mis-described teacher
@@ -221,6 +229,8 @@ class MaskedTeacher(nn.Module):
         """
         if labels is None:
             labels = self._labels
+        self._keep_eval()
+        self._follow_teacher_dtype()
         # bf16 weights: the caller's autocast (fp16 in DeiT) would recast them op by op and, fp16 around a bf16
         # teacher, fail in torch.cat (class token bf16, patch embedding fp16).
         no_autocast = (torch.autocast(device_type=images.device.type, enabled=False)
@@ -229,6 +239,29 @@ class MaskedTeacher(nn.Module):
             logits, keep_idx = self._masked(images, scores, labels) if self.masking else (self._full(images), None)
             self.quality.update(logits, labels)
         return (logits.float() if self.teacher_dtype is not None else logits), keep_idx
+
+    def _keep_eval(self) -> None:
+        # The teacher is a fixed target: a teacher.train() made after this was built would turn its dropout on
+        # for the rest of the run. Put it back, and say so once.
+        if unwrap_model(self.teacher).training:
+            if not self._warned_train:
+                warnings.warn(f"the teacher ({type(unwrap_model(self.teacher)).__name__}) was put in train mode after "
+                              "the distillation loss was built (teacher.train(), or .train() on a module holding "
+                              "it); a distillation teacher runs in eval mode, so it is set back to eval for every "
+                              "step", TeacherModeWarning, stacklevel=3)
+                self._warned_train = True
+            self.teacher.eval()
+
+    def _follow_teacher_dtype(self) -> None:
+        # A teacher converted by hand (teacher.to(torch.bfloat16)) without teacher_dtype=: feed it its own dtype
+        # rather than fail deep in its first layer; the logits still come back as float32.
+        param = next(self.teacher.parameters(), None)
+        if param is None or not param.is_floating_point():
+            return
+        wanted = param.dtype if param.dtype in (torch.bfloat16, torch.float16) else None
+        if wanted != self.teacher_dtype:
+            self.teacher_dtype = wanted
+            self._compiled_batch = 0  # a compiled forward traced for another dtype is rebuilt
 
     def _full(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.teacher(self.prepare_input(images))
@@ -416,9 +449,13 @@ class MaskedTeacher(nn.Module):
 
     def describe(self) -> str:
         if not self.masking:
-            return "teacher sees every patch (unmasked)"
-        return (f"teacher sees {self.num_keep}/{self.num_patches} patches + {self.prefix} prefix tokens, chosen by "
-                f"mask_mode={self.mask_mode!r} ({self.family.name} teacher)")
+            line = "teacher sees every patch (unmasked)"
+        else:
+            line = (f"teacher sees {self.num_keep}/{self.num_patches} patches + {self.prefix} prefix tokens, chosen by "
+                    f"mask_mode={self.mask_mode!r} ({self.family.name} teacher)")
+        if self.teacher_dtype is not None and not self._dtype_given:
+            line += f"; its weights are {self.teacher_dtype} (as converted), so its input is cast to it"
+        return line
 
     @contextlib.contextmanager
     def labels_for(self, labels: Optional[torch.Tensor]) -> Iterator[None]:
