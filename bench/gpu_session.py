@@ -41,6 +41,7 @@ from .models import parse_spec, short_name
 from .report import fmt, markdown_table
 from .sections import distill, fast, student, teacher
 from .supervision import complete_args, print_header, run_meta, setup_device
+from .timing import peak_seen_mib
 
 DEFAULT_MAX_WALL_S = 480.0
 RESERVE_S = 10.0  # kept back for writing the files and tearing down
@@ -312,6 +313,7 @@ class Session:
         self.ctx: Optional[BenchContext] = None
         self.estimate: Optional[Estimate] = None
         self._maskable: Dict[str, Optional[str]] = {}
+        self.run_peak_mib: Optional[float] = None  # torch.cuda.max_memory_allocated, highest over the items
         os.makedirs(opts.out, exist_ok=True)
         self.json_path = os.path.join(opts.out, "gpu_session.json")
         self.md_path = os.path.join(opts.out, "gpu_session.md")
@@ -324,8 +326,8 @@ class Session:
     # --- output ----------------------------------------------------------------------------------------------
     def write(self) -> None:
         self.record["meta"]["wall_s"] = time.time() - self.started
-        if self.ctx is not None and self.ctx.device.type == "cuda":
-            self.record["meta"]["max_memory_allocated_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        if self.run_peak_mib is not None:
+            self.record["meta"]["max_memory_allocated_mib"] = self.run_peak_mib
         self._write_file(self.json_path, json.dumps(self.record, indent=1, default=str))
         try:
             text = self.markdown()
@@ -489,8 +491,7 @@ class Session:
                 continue
             item["status"] = "running"
             i0 = time.time()
-            if self.ctx.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
+            peak_seen_mib(reset=True)
             try:
                 reason = None if spec == "student" else self.unmaskable(spec)
                 if reason:
@@ -505,8 +506,9 @@ class Session:
                 item.update(status="error", reason=f"{type(exc).__name__}: {exc}")
                 failed = 1
             item["elapsed_s"] = time.time() - i0
-            item["peak_allocated_mib"] = (torch.cuda.max_memory_allocated() / 2 ** 20
-                                          if self.ctx.device.type == "cuda" else None)
+            item["peak_allocated_mib"] = peak = peak_seen_mib() if self.ctx.device.type == "cuda" else None
+            if peak is not None:
+                self.run_peak_mib = max(self.run_peak_mib or 0.0, peak)
             rec["elapsed_s"] = time.time() - t0
             self.write()
         self._close_part(rec, None)

@@ -88,6 +88,20 @@ def paired_ratio(a: Stat, b: Stat) -> float:
     return statistics.median(x / y for x, y in zip(a.samples, b.samples))
 
 
+_PEAK_SEEN = {"bytes": 0}  # the highest torch.cuda.max_memory_allocated seen across the resets below
+
+
+def peak_seen_mib(*, reset: bool = False) -> Optional[float]:
+    """Highest allocated CUDA memory since the last ``reset=True`` call, across peak_extra_mib's own resets."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    seen = max(_PEAK_SEEN["bytes"], torch.cuda.max_memory_allocated())
+    if reset:
+        _PEAK_SEEN["bytes"] = 0
+        torch.cuda.reset_peak_memory_stats()
+    return seen / 2 ** 20
+
+
 def peak_extra_mib(fn: Callable[[], Any], device: torch.device) -> Optional[float]:
     """Peak memory one call allocates above what was resident before it (CUDA only)."""
     if device.type != "cuda":
@@ -95,6 +109,7 @@ def peak_extra_mib(fn: Callable[[], Any], device: torch.device) -> Optional[floa
     torch.cuda.synchronize()
     gc.collect()
     torch.cuda.empty_cache()
+    _PEAK_SEEN["bytes"] = max(_PEAK_SEEN["bytes"], torch.cuda.max_memory_allocated())
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     fn()

@@ -192,9 +192,9 @@ def run(ctx: BenchContext, teachers: Optional[List[str]] = None) -> Dict[str, An
         print(f"  {short_name(e['teacher'])}: bf16 teacher (eager) called inside the caller's autocast: "
               + ", ".join(f"{k}: {v}" for k, v in e["bf16_teacher_inside_autocast"].items()))
     if cpu:
-        note = (f"CPU: capability {torch.backends.cpu.get_cpu_capability()}; without native bf16 matmul "
-                "(AVX512-BF16/AMX) bf16 runs slower than fp32 here, so these ratios say nothing about the GPU "
-                "fast path; the section checks that it runs and compiles")
+        note = (f"CPU: capability {torch.backends.cpu.get_cpu_capability()}; how fast bf16 runs here depends on "
+                "the CPU's bf16 support (without AVX512-BF16/AMX it is emulated, slower than fp32), so these ratios "
+                "say nothing about the GPU fast path; the section checks that it runs and compiles")
         out["notes"].append(note)
         print("  " + note)
     return out

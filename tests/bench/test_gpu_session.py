@@ -182,3 +182,27 @@ def test_budgets_fit_the_wall_clock_and_each_part_can_run_its_first_item_on_an_h
     assert session_args(["--device", "cpu", "--parts", "fast,capture"]).parts == ["fast", "capture"]
     with pytest.raises(SystemExit):
         session_args(["--device", "cpu", "--parts", "nonsense"])
+
+
+def test_markdown_renders_what_only_a_gpu_run_has(smoke):
+    """The compiled variants and CUDA peaks appear only on a GPU: render a smoke record given them."""
+    import copy
+
+    from bench.gpu_session import Session, parse_args as session_args
+
+    out, record, _ = smoke
+    record = copy.deepcopy(record)
+    (spec, fast_item), = record["parts"]["fast"]["items"].items()
+    variants = fast_item["result"]["variants"]
+    compiled = dict(variants["keep, eager autocast bf16"], ratio_vs_eager_autocast_paired=0.8, peak_extra_mib=812.0)
+    variants["keep, bf16 + compile"] = compiled
+    fast_item["result"]["compile"] = {"first_call_s": 41.5, "first_call_in_autocast_s": 12.4}
+    fast_item["peak_allocated_mib"] = 4321.0
+    session = Session(session_args(["--device", "cpu", "--out", str(out / "render")]))
+    session.record = record
+    markdown = session.markdown()
+    assert f"| bf16 + compile speed-up, {spec.split(':')[0]}" in markdown
+    row = next(line for line in markdown.splitlines() if line.startswith("| bf16 + compile speed-up"))
+    assert "| 1.250 |" in row and row.endswith("| yes |")
+    assert "compile 41.5 s (+12.4 s inside autocast)" in markdown
+    assert "| 4321 |" in markdown and "| 812 |" in markdown
