@@ -6,5 +6,6 @@
 
 Modules: timing (clock, interleaved repetitions, paired ratios, peak memory), models (builders and the plain-timm
 references), context (mode settings, models built once), report (tables), sections/ (one module per section),
-gpu_session (the GPU run: parts, budgets, JSON + Markdown after each part).
+gpu_session (the GPU run: parts, budgets, JSON + Markdown after each item), session_tables (its Markdown),
+estimate (its expected H100 time per item), flops (the fvcore counts it reads, gmac_gpu.json).
 """

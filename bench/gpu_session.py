@@ -37,9 +37,12 @@ from deit_patch.teachers import find_family
 
 from . import flops
 from .context import BenchContext
+from .estimate import RATE_BF16, RATE_FP32, STARTUP_S, Estimate
 from .models import parse_spec, short_name
 from .report import fmt, markdown_table
 from .sections import distill, fast, student, teacher
+from .session_tables import (done_items, items_of, render_capture, render_distill, render_fast, render_paper,
+                             render_teacher)
 from .supervision import complete_args, print_header, run_meta, setup_device
 from .timing import peak_seen_mib
 
@@ -122,177 +125,19 @@ def _run_fast(session: "Session", spec: str) -> Any:
     return entry
 
 
-def _items(part: Dict[str, Any]) -> List[tuple]:
-    return [(spec, item) for spec, item in part.get("items", {}).items()]
-
-
-def _done(part: Dict[str, Any]) -> List[tuple]:
-    return [(spec, item["result"]) for spec, item in _items(part) if item.get("status") == "done"]
-
-
-def _render_capture(part: Dict[str, Any]) -> List[str]:
-    rows = []
-    for _, res in _done(part):
-        for name in ("plain", "capture", "paper"):
-            v = res[name]
-            rows.append([name, fmt(v["median_ms"]), fmt(v["ratio_vs_plain_paired"], ".3f"), v["n"],
-                         fmt(v["peak_extra_mib"], ".0f")])
-    return [markdown_table(["student step variant", "ms (median)", "vs plain (paired)", "reps", "peak extra MiB"],
-                           rows)] if rows else []
-
-
-def _render_teacher(part: Dict[str, Any]) -> List[str]:
-    rows = []
-    for spec, res in _done(part):
-        by_keep = {k["keep"]: k for k in res["keeps"]}
-        rows.append([short_name(spec), fmt(res["full"]["median_ms"])]
-                    + [fmt(by_keep[k]["ratio_plugin_over_reference_paired"], ".3f") if k in by_keep else "n/a"
-                       for k in (1.0, 0.75, 0.5, 0.25)]
-                    + [fmt(by_keep[k]["plugin"]["median_ms"]) if k in by_keep else "n/a" for k in (0.5,)]
-                    + [fmt(by_keep[0.5]["plugin_over_full"], ".3f") if 0.5 in by_keep else "n/a",
-                       fmt(res["full"]["peak_extra_mib"], ".0f")])
-    return [markdown_table(["teacher", "teacher(x) ms", "plugin/ref 1.0", "0.75", "0.5", "0.25", "plugin ms @0.5",
-                            "@0.5 / full", "peak extra MiB (full)"], rows)] if rows else []
-
-
-def _render_distill(part: Dict[str, Any]) -> List[str]:
-    rows = []
-    for spec, res in _done(part):
-        v = res["variants"]
-        rows.append([short_name(spec), fmt(v["full"]["median_ms"]), fmt(v["masked"]["median_ms"]),
-                     fmt(v["ceiling"]["median_ms"]), f"{100 * res['saving_ours']:.1f}%",
-                     f"{100 * res['saving_ceiling']:.1f}%", f"{res['gap_pp']:+.1f}",
-                     fmt(v["full"]["peak_extra_mib"], ".0f"), fmt(v["masked"]["peak_extra_mib"], ".0f")])
-    return [markdown_table(["teacher", "full ms", "MaskedKD ms", "ceiling ms", "saved", "ceiling saved", "gap pp",
-                            "peak MiB full", "peak MiB masked"], rows)] if rows else []
-
-
-def _render_paper(part: Dict[str, Any]) -> List[str]:
-    rows = []
-    for spec, res in _done(part):
-        v = res["variants"]
-        rows.append([short_name(spec), fmt(v["masked"]["median_ms"]), fmt(v["paper"]["median_ms"]),
-                     fmt(res["speedup_ours_vs_paper"], ".3f"), fmt(v["masked"]["peak_extra_mib"], ".0f"),
-                     fmt(v["paper"]["peak_extra_mib"], ".0f")])
-    return [markdown_table(["teacher", "MaskedKD ms", "paper-code style ms", "ours vs paper x", "peak MiB ours",
-                            "peak MiB paper"], rows)] if rows else []
-
-
-def _render_fast(part: Dict[str, Any]) -> List[str]:
-    rows, lines = [], []
-    for spec, res in _done(part):
-        for name, v in res["variants"].items():
-            speedup = 1 / v["ratio_vs_eager_autocast_paired"] if v["ratio_vs_eager_autocast_paired"] else None
-            rows.append([short_name(spec), name, fmt(v["median_ms"]), fmt(speedup, ".3f"),
-                         fmt(v.get("tflops_2xmac"), ".1f"), fmt(_pct(v.get("fraction_of_matmul_ceiling"))),
-                         fmt(v["peak_extra_mib"], ".0f")])
-        c = res["compile"]
-        lines.append(f"- {short_name(spec)}: compile {c.get('skipped') or fmt(c.get('first_call_s'), '.1f') + ' s'}"
-                     + (f" (+{c['first_call_in_autocast_s']:.1f} s inside autocast)"
-                        if "first_call_in_autocast_s" in c else "")
-                     + f"; matmul ceiling {res['matmul_ceiling_tflops']}; check vs fp32 {res['check_vs_fp32_eager']}")
-    if not rows:
-        return []
-    return [markdown_table(["teacher", "variant (keep 0.5)", "ms", "speed-up vs eager autocast", "TFLOP/s",
-                            "of matmul peak", "peak extra MiB"], rows), ""] + lines
-
-
-def _pct(value: Optional[float]) -> Optional[str]:
-    return None if value is None else f"{100 * value:.1f}%"
-
-
 PARTS: List[Part] = [
     Part("capture", "Capture overhead on the student step (hook on vs off)", 30, 10,
-         lambda s: ["student"], _run_capture, _render_capture),
+         lambda s: ["student"], _run_capture, render_capture),
     Part("teacher", "Pruned teacher vs hand-written gather (keep 1.0 / 0.75 / 0.5 / 0.25)", 110, 15,
-         _teachers, _run_teacher, _render_teacher),
+         _teachers, _run_teacher, render_teacher),
     Part("distill", "KD step saving at keep 0.5 against the ceiling", 70, 15,
-         _teachers, _run_distill, _render_distill),
+         _teachers, _run_distill, render_distill),
     Part("paper", "Ours vs the paper-code-style baseline (explicit attention), keep 0.5", 50, 10,
-         _teachers, _run_paper, _render_paper),
+         _teachers, _run_paper, render_paper),
     Part("fast", "Fast teacher: bf16 weights + torch.compile vs eager autocast, keep 0.5", 190, 30,
-         _fast_teachers, _run_fast, _render_fast),
+         _fast_teachers, _run_fast, render_fast),
 ]
 PART_NAMES = [p.name for p in PARTS]
-
-
-# --- expected H100 time, from the FLOP counts ----------------------------------------------------------------------
-RATE_BF16 = 400e12   # FLOP/s (2 x MAC): realistic dense bf16 matmul rate of an H100 on large matrices
-RATE_FP32 = 50e12    # FLOP/s: fp32-ish (the fast part's two fp32 reference calls per teacher)
-# H100 measurements (ANCHORS.md: batch 256, 224 px, bf16 autocast) that turn the FLOP floor into an expectation.
-ANCHOR_MS = {"student_step": 50.1, "deit_base_patch16_224": 29.6, "deit3_large_patch16_224": 92.6,
-             "deit3_huge_patch14_224": 232.5}
-PAPER_STUDENT = 78.4 / 50.1     # explicit softmax attention in every block, student step
-PAPER_TEACHER = 24.7 / 16.5     # deit_base at keep 0.5, explicit vs fused attention
-BF16_WEIGHTS = 0.95             # bf16 weights vs autocast, eager (no anchor: casts saved, a guess)
-COMPILED = 96.7 / 119.6         # deit3_huge at keep 0.5, bf16 weights + compile vs eager autocast
-DEFAULT_EFFICIENCY = 0.7        # achieved / 400 TFLOP/s for a teacher without an anchor (EVA-02: rotary ops)
-COMPILE_S = (15.0, 1.0)         # one torch.compile of a teacher: s + s per block (a guess; none measured here)
-STARTUP_S = 20.0                # interpreter, imports, CUDA context, the student
-
-
-class Estimate:
-    """Per-item time of each part on an H100: FLOP floor at 400 TFLOP/s, and expected (calibrated on ANCHORS.md)."""
-
-    def __init__(self, table: Dict[str, Any], args: argparse.Namespace):
-        self.counts, self.models, self.args = table["counts"], table.get("models", {}), args
-        self.reps = args.warmup + args.iters
-        # The anchored student step (deit_small, fwd + bwd + AdamW) sets how far a train step falls short of 400.
-        anchor_student = BenchContext.gmac_key("deit_small_patch16_224", None, img_size=224, kind="student")
-        self.student_efficiency = (3 * self._ms(self.counts[anchor_student]) / ANCHOR_MS["student_step"]
-                                   if anchor_student in self.counts else DEFAULT_EFFICIENCY)
-
-    def _gmac(self, spec: str, num_keep: Optional[int], kind: str = "teacher") -> float:
-        key = BenchContext.gmac_key(spec, num_keep, img_size=self.args.img_size, kind=kind)
-        if key in self.counts:
-            return self.counts[key]
-        # A keep count the table lacks (a teacher the plugin did not mask when it was written): tokens scale it.
-        info = self.models[spec]
-        full = self.counts[BenchContext.gmac_key(spec, None, img_size=self.args.img_size, kind=kind)]
-        prefix = info["num_prefix_tokens"]
-        return full * (prefix + num_keep) / (prefix + info["num_patches"])
-
-    def _ms(self, gmac: float) -> float:
-        return 2 * gmac * 1e9 * self.args.batch_size / RATE_BF16 * 1e3
-
-    def teacher_ms(self, spec: str, keep: float, *, floor: bool) -> float:
-        info = self.models[spec]
-        k = max(1, min(info["num_patches"], int(round(keep * info["num_patches"]))))
-        ms = self._ms(self._gmac(spec, None if keep == 1.0 else k))
-        if floor:
-            return ms
-        anchor = ANCHOR_MS.get(parse_spec(spec)[0])
-        efficiency = self._ms(self._gmac(spec, None)) / anchor if anchor else DEFAULT_EFFICIENCY
-        return ms / efficiency
-
-    def student_ms(self, *, floor: bool) -> float:
-        ms = 3 * self._ms(self._gmac(self.args.student, None, kind="student"))  # fwd + bwd = 3x fwd
-        return ms if floor else ms / self.student_efficiency
-
-    def item_s(self, part: str, spec: str, *, floor: bool = False) -> float:
-        """Seconds for one item: timed repetitions, the extra calls (checks, peak memory), compiles."""
-        reps, S = self.reps, self.student_ms(floor=floor)
-        T = {k: self.teacher_ms(spec, k, floor=floor) for k in (1.0, 0.75, 0.5, 0.25)} if spec in self.models \
-            else {}
-        if part == "capture":
-            per_rep = S * (2 + (1 if floor else PAPER_STUDENT))
-            return (reps + 1) * per_rep / 1e3
-        if part == "teacher":
-            per_rep = T[1.0] + 2 * sum(T.values())
-            return (reps + 2) * per_rep / 1e3  # + correctness calls and one peak-memory call per variant
-        if part == "distill":
-            per_rep = (S + T[1.0]) + 2 * (S + T[0.5])
-            return ((reps + 1) * per_rep + S + T[0.5]) / 1e3
-        if part == "paper":
-            paper = S * (1 if floor else PAPER_STUDENT) + T[0.5] * (1 if floor else PAPER_TEACHER)
-            return (reps + 1) * (S + T[0.5] + paper) / 1e3
-        if part == "fast":
-            per_rep = T[1.0] + T[0.5] * (1 + (1 if floor else BF16_WEIGHTS) + 2 * (1 if floor else COMPILED))
-            compiles = 0.0 if floor else 2 * (COMPILE_S[0] + COMPILE_S[1] * self.models[spec]["depth"])
-            # + 3 bf16 calls (checks, the bf16 teacher inside fp16/bf16 autocast) and 2 fp32 ones (token count, check)
-            fp32 = 2 * self.teacher_ms(spec, 0.5, floor=True) * RATE_BF16 / RATE_FP32
-            return ((reps + 1) * per_rep + 3 * T[0.5] + fp32) / 1e3 + compiles
-        raise KeyError(part)
 
 
 # --- the session -----------------------------------------------------------------------------------------------
@@ -366,12 +211,12 @@ class Session:
             body = part.render(rec)
             if body:
                 lines += body + [""]
-            for spec, item in _items(rec):
+            for spec, item in items_of(rec):
                 if item["status"] != "done":
                     lines.append(f"- {short_name(spec)}: {item['status']}: {item.get('reason', '')}")
             lines += [""]
         mem = [[name, short_name(spec), fmt(item.get("peak_allocated_mib"), ".0f"), fmt(item.get("elapsed_s"), ".1f")]
-               for name, rec in self.record["parts"].items() for spec, item in _items(rec)
+               for name, rec in self.record["parts"].items() for spec, item in items_of(rec)
                if item["status"] == "done"]
         lines += ["### Peak memory and time per item", "",
                   "torch.cuda.max_memory_allocated over the item (models resident included); per-variant peaks "
@@ -384,7 +229,7 @@ class Session:
         parts = self.record["parts"]
 
         def done(name):
-            return _done(parts[name]) if name in parts else []
+            return done_items(parts[name]) if name in parts else []
 
         figures = []  # (figure, value, text, target key, met)
         for _, res in done("capture"):

@@ -156,8 +156,8 @@ def test_wall_clock_guard_skips_every_part_with_a_reason(tmp_path):
 
 def test_budgets_fit_the_wall_clock_and_each_part_can_run_its_first_item_on_an_h100():
     from bench.flops import load_table
-    from bench.gpu_session import (DEFAULT_MAX_WALL_S, PARTS as SESSION_PARTS, RESERVE_S, STARTUP_S, Estimate,
-                                   parse_args as session_args)
+    from bench.estimate import STARTUP_S, Estimate
+    from bench.gpu_session import DEFAULT_MAX_WALL_S, PARTS as SESSION_PARTS, RESERVE_S, parse_args as session_args
     from bench.supervision import parse_args as bench_args
 
     assert [p.name for p in SESSION_PARTS] == PARTS
