@@ -120,7 +120,13 @@ class _MaskedTaskMixin:
     #: log the masked teacher's figures (quality.quality_summary) every this many steps when verbose; 0: never
     log_quality_every: int = 500
 
-    def _init_masked(self, args: tuple, kwargs: Dict[str, Any], masking: Dict[str, Any]) -> None:
+    def __init__(self, *args: Any, keep_ratio: Optional[float] = None, num_keep: Optional[int] = None,
+                 mask_mode: Optional[str] = None, mask_guard: Optional[str] = None,
+                 guard_fallback: Optional[str] = None, probe_every: Optional[int] = None,
+                 probe_images: Optional[int] = None, **kwargs: Any):
+        # timm's arguments pass through to the timm base unchanged; ours configure the MaskedTeacher.
+        masking = dict(keep_ratio=keep_ratio, num_keep=num_keep, mask_mode=mask_mode, mask_guard=mask_guard,
+                       guard_fallback=guard_fallback, probe_every=probe_every, probe_images=probe_images)
         given = bind_task_args(type(self), args, kwargs)
         for key, value in type(self).task_defaults.items():
             if key in masking:
@@ -311,14 +317,6 @@ if has_logit_task:
         """
 
         timm_base = LogitDistillationTask
-
-        def __init__(self, *args: Any, keep_ratio: Optional[float] = None, num_keep: Optional[int] = None,
-                     mask_mode: Optional[str] = None, mask_guard: Optional[str] = None,
-                     guard_fallback: Optional[str] = None, probe_every: Optional[int] = None,
-                     probe_images: Optional[int] = None, **kwargs: Any):
-            self._init_masked(args, kwargs, dict(keep_ratio=keep_ratio, num_keep=num_keep, mask_mode=mask_mode,
-                                                 mask_guard=mask_guard, guard_fallback=guard_fallback,
-                                                 probe_every=probe_every, probe_images=probe_images))
 else:
     class MaskedLogitDistillationTask(_Unavailable):
         """Needs timm >= 1.0.23 (``timm.task.LogitDistillationTask``); this timm has none."""
@@ -336,14 +334,6 @@ if has_token_task:
         """
 
         timm_base = TokenDistillationTask
-
-        def __init__(self, *args: Any, keep_ratio: Optional[float] = None, num_keep: Optional[int] = None,
-                     mask_mode: Optional[str] = None, mask_guard: Optional[str] = None,
-                     guard_fallback: Optional[str] = None, probe_every: Optional[int] = None,
-                     probe_images: Optional[int] = None, **kwargs: Any):
-            self._init_masked(args, kwargs, dict(keep_ratio=keep_ratio, num_keep=num_keep, mask_mode=mask_mode,
-                                                 mask_guard=mask_guard, guard_fallback=guard_fallback,
-                                                 probe_every=probe_every, probe_images=probe_images))
 else:
     class MaskedTokenDistillationTask(_Unavailable):
         """Needs timm >= 1.0.25 (``timm.task.TokenDistillationTask``); this timm has none."""

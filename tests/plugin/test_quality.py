@@ -213,3 +213,30 @@ def test_fallback_switches_what_the_teacher_sees_and_resume_keeps_it(half_criter
 def test_bad_guard_settings_are_refused(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         masked_loss(tiny(seed=1), tiny(seed=2), **bad)
+
+
+def test_timm_task_gets_the_same_guard_and_its_checkpoint_keeps_the_switch(half_criteria):
+    timm_task = pytest.importorskip("deit_patch.timm_task")
+    if not timm_task.has_logit_task:
+        pytest.skip("this timm has no timm.task.LogitDistillationTask (timm < 1.0.23)")
+    student = tiny(seed=1)
+
+    def task():
+        return timm_task.MaskedLogitDistillationTask(student, pooling_teacher(), criterion=nn.CrossEntropyLoss(),
+                                                     keep_ratio=0.5, mask_mode="blank", mask_guard="fallback",
+                                                     probe_every=1, verbose=False).train()
+
+    first = task()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x, y in batches(8, batch=8, blank_right=True):
+            first(x, y)
+    assert any(issubclass(w.category, MaskGuardWarning) for w in caught)
+    stats = first.pop_stats()
+    assert stats["mask_guard_fired"] == 1 and "teacher_acc1" in stats  # labels reach the teacher through timm
+    assert first.masked_teacher.mask_mode == "random"
+    state = first.get_task_state()
+    resumed = task()
+    resumed.load_task_state(state)
+    assert resumed.masked_teacher.mask_mode == "random"
+    assert resumed.masked_teacher.guard_state()["switched"]["from"] == "blank"
