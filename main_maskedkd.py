@@ -27,7 +27,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.utils import ModelEmaV3, NativeScaler, ParseKwargs
+from timm.utils import ModelEmaV3, NativeScaler
 
 from maskedkd_app import distributed as dist_utils
 from deit_patch.capture import CaptureError
@@ -38,7 +38,7 @@ from maskedkd_app.data import BAD_IMAGES_LOG, DataError, build_dataset, build_lo
 from maskedkd_app.engine import NonFiniteLossError, evaluate, train_one_epoch
 from maskedkd_app.keep_schedule import KeepSchedule
 from maskedkd_app import preflight
-from deit_patch.masking import KEEP_SCHEDULES, MASK_MODES
+from maskedkd_app.args import check_args, get_args_parser
 from deit_patch.teacher_input import TeacherInputError, model_stats, stats_differ
 from deit_patch.teachers import UnsupportedTeacherError, find_family, teacher_grid
 from losses import MaskedDistillationLoss
@@ -46,141 +46,6 @@ from losses import MaskedDistillationLoss
 # OSError: files, disks and network are the environment's, and their message names the path (disk full on log.txt).
 USER_ERRORS = (CheckpointError, DataError, UnsupportedTeacherError, CaptureError, TeacherInputError, ValueError,
                OSError)
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("MaskedKD training and evaluation script (DeiT-compatible)", add_help=False)
-    p.add_argument("--batch-size", default=64, type=int)
-    p.add_argument("--epochs", default=300, type=int)
-    p.add_argument("--bce-loss", action="store_true")
-    p.add_argument("--unscale-lr", action="store_true")
-
-    # Model
-    p.add_argument("--model", default="deit_base_patch16_224", type=str, metavar="MODEL")
-    p.add_argument("--input-size", default=224, type=int, help="images input size")
-    p.add_argument("--drop", type=float, default=0.0, metavar="PCT")
-    p.add_argument("--drop-path", type=float, default=0.1, metavar="PCT")
-    p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
-                   help="extra timm.create_model kwargs for the student, e.g. depth=6 embed_dim=256")
-    p.add_argument("--model-ema", action="store_true")
-    p.add_argument("--no-model-ema", action="store_false", dest="model_ema")
-    p.set_defaults(model_ema=True)
-    p.add_argument("--model-ema-decay", type=float, default=0.99996)
-    p.add_argument("--model-ema-force-cpu", action="store_true", default=False)
-
-    # Optimizer and schedule (names and defaults as in DeiT)
-    p.add_argument("--opt", default="adamw", type=str, metavar="OPTIMIZER")
-    p.add_argument("--opt-eps", default=1e-8, type=float, metavar="EPSILON")
-    p.add_argument("--opt-betas", default=None, type=float, nargs="+", metavar="BETA")
-    p.add_argument("--clip-grad", type=float, default=None, metavar="NORM")
-    p.add_argument("--momentum", type=float, default=0.9, metavar="M")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--sched", default="cosine", type=str, metavar="SCHEDULER")
-    p.add_argument("--lr", type=float, default=5e-4, metavar="LR")
-    p.add_argument("--lr-noise", type=float, nargs="+", default=None, metavar="pct, pct")
-    p.add_argument("--lr-noise-pct", type=float, default=0.67, metavar="PERCENT")
-    p.add_argument("--lr-noise-std", type=float, default=1.0, metavar="STDDEV")
-    p.add_argument("--warmup-lr", type=float, default=1e-6, metavar="LR")
-    p.add_argument("--min-lr", type=float, default=1e-5, metavar="LR")
-    p.add_argument("--decay-epochs", type=float, default=30, metavar="N")
-    p.add_argument("--warmup-epochs", type=int, default=5, metavar="N")
-    p.add_argument("--cooldown-epochs", type=int, default=10, metavar="N")
-    p.add_argument("--patience-epochs", type=int, default=10, metavar="N")
-    p.add_argument("--decay-rate", "--dr", type=float, default=0.1, metavar="RATE")
-
-    # Augmentation
-    p.add_argument("--color-jitter", type=float, default=0.3, metavar="PCT")
-    p.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME")
-    p.add_argument("--smoothing", type=float, default=0.1)
-    p.add_argument("--train-interpolation", type=str, default="bicubic")
-    p.add_argument("--repeated-aug", action="store_true")
-    p.add_argument("--no-repeated-aug", action="store_false", dest="repeated_aug")
-    p.set_defaults(repeated_aug=True)
-    p.add_argument("--train-mode", action="store_true")
-    p.add_argument("--no-train-mode", action="store_false", dest="train_mode")
-    p.set_defaults(train_mode=True)
-    p.add_argument("--no-aug", action="store_true", help="no random train augmentation (resize/crop/normalise only)")
-    p.add_argument("--reprob", type=float, default=0.25, metavar="PCT")
-    p.add_argument("--remode", type=str, default="pixel")
-    p.add_argument("--recount", type=int, default=1)
-    p.add_argument("--resplit", action="store_true", default=False)
-    p.add_argument("--mixup", type=float, default=0.8)
-    p.add_argument("--cutmix", type=float, default=1.0)
-    p.add_argument("--cutmix-minmax", type=float, nargs="+", default=None)
-    p.add_argument("--mixup-prob", type=float, default=1.0)
-    p.add_argument("--mixup-switch-prob", type=float, default=0.5)
-    p.add_argument("--mixup-mode", type=str, default="batch")
-
-    # Distillation (DeiT's) ...
-    p.add_argument("--teacher-model", default="regnety_160", type=str, metavar="MODEL")
-    p.add_argument("--teacher-path", type=str, default="")
-    p.add_argument("--teacher-kwargs", nargs="*", default={}, action=ParseKwargs,
-                   help="extra timm.create_model kwargs for the teacher")
-    p.add_argument("--distillation-type", default="none", choices=["none", "soft", "hard"], type=str)
-    p.add_argument("--distillation-alpha", default=0.5, type=float)
-    p.add_argument("--distillation-tau", default=1.0, type=float)
-    # ... and MaskedKD's
-    p.add_argument("--keep-ratio", type=float, default=None,
-                   help="fraction of teacher patches kept (default 0.5 when distilling from a ViT teacher)")
-    p.add_argument("--num-keep", "--len_num_keep", dest="num_keep", type=int, default=None,
-                   help="number of teacher patches kept (the paper code's --len_num_keep; 98 of 196)")
-    p.add_argument("--mask-mode", default="attention", choices=["none"] + sorted(MASK_MODES))
-    p.add_argument("--kd-reduction", default="numel", choices=["numel", "batchmean"])
-    p.add_argument("--keep-schedule", default="none", choices=["none"] + sorted(KEEP_SCHEDULES),
-                   help="anneal the teacher's keep ratio from 1.0 (every patch) to the target --keep-ratio")
-    p.add_argument("--keep-schedule-epochs", type=int, default=None,
-                   help="epochs the --keep-schedule warm-up lasts (default: a third of --epochs)")
-    p.add_argument("--amp-dtype", default=None, choices=["bf16", "fp16", "none"],
-                   help="autocast dtype (default: bf16 on GPU, none on CPU)")
-    p.add_argument("--teacher-mean", type=float, nargs=3, default=None, help="override the teacher's input mean")
-    p.add_argument("--teacher-std", type=float, nargs=3, default=None, help="override the teacher's input std")
-    p.add_argument("--teacher-bf16", action="store_true", help="fast path: keep the teacher's weights in bf16")
-    p.add_argument("--compile-teacher", action="store_true", help="fast path: torch.compile the pruned teacher")
-    p.add_argument("--mask-vis", type=str, default="", help="write keep-frequency heat maps and mask grids here")
-    # ViTKD feature distillation (deit_patch/features.py), on the masked teacher too
-    p.add_argument("--feature-kd", default="none", choices=["none", "vitkd"],
-                   help="add ViTKD feature terms (mimic shallow blocks, generate the deep features)")
-    p.add_argument("--vitkd-alpha", type=float, default=3e-5, help="ViTKD mimicking weight")
-    p.add_argument("--vitkd-beta", type=float, default=3e-6, help="ViTKD generation weight")
-    p.add_argument("--vitkd-mask-ratio", type=float, default=0.5, help="ViTKD generation mask ratio (lambda)")
-    p.add_argument("--vitkd-layers", type=int, nargs="+", default=[0, 1], help="ViTKD shallow (mimicked) blocks")
-    p.add_argument("--no-flops", action="store_true", help="skip the fvcore supervision-cost table at start-up")
-
-    # Fine-tuning, data, run
-    p.add_argument("--finetune", default="", help="finetune from checkpoint")
-    p.add_argument("--data-path", default="/datasets01/imagenet_full_size/061417/", type=str)
-    p.add_argument("--data-set", default="IMNET", type=str.upper,
-                   help="IMNET | IMFOLDER | CIFAR10 | CIFAR100 | PROCEDURAL (built in, no files)")
-    p.add_argument("--nb-classes", type=int, default=None, help="classes of the procedural dataset (default 10)")
-    p.add_argument("--procedural-train-size", type=int, default=5000)
-    p.add_argument("--procedural-val-size", type=int, default=1000)
-    p.add_argument("--procedural-label-noise", type=float, default=0.0,
-                   help="fraction of procedural training labels replaced by another class (validation stays clean)")
-    p.add_argument("--output_dir", default="", help="path where to save, empty for no saving")
-    p.add_argument("--device", default="cuda", help="device to use for training / testing")
-    p.add_argument("--seed", default=0, type=int)
-    p.add_argument("--resume", default="", help="resume from checkpoint")
-    p.add_argument("--resume-anyway", action="store_true",
-                   help="resume even though experiment flags differ from the checkpoint's (they are listed)")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="skip unreadable image files (each is logged and counted) instead of stopping")
-    p.add_argument("--start_epoch", default=0, type=int, metavar="N")
-    p.add_argument("--eval", action="store_true", help="Perform evaluation only")
-    p.add_argument("--eval-crop-ratio", default=0.875, type=float)
-    p.add_argument("--dist-eval", action="store_true", default=False)
-    p.add_argument("--num_workers", default=10, type=int)
-    p.add_argument("--pin-mem", action="store_true")
-    p.add_argument("--no-pin-mem", action="store_false", dest="pin_mem")
-    p.set_defaults(pin_mem=True)
-    p.add_argument("--print-freq", default=10, type=int)
-    p.add_argument("--max-steps-per-epoch", default=None, type=int, help="cap steps per epoch (smoke tests)")
-    p.add_argument("--world_size", default=1, type=int, help="set by torchrun; accepted for DeiT compatibility")
-    p.add_argument("--dist_url", default="env://", help="accepted for DeiT compatibility (torchrun sets env://)")
-    # DeiT flags for features this script does not implement: accepted so old scripts parse, refused when used.
-    for flag in ("--ThreeAugment", "--src", "--cosub", "--attn-only"):
-        p.add_argument(flag, action="store_true")
-    p.add_argument("--demo", action="store_true", help="small end-to-end MaskedKD run on the built-in dataset")
-    return p
 
 
 # ------------------------------------------------------------------------------------------------ model set-up
@@ -293,22 +158,6 @@ def _checked_criterion(args, **kwargs):
             f"--no-train-mode runs the student in eval mode, where its attention is not read, but --mask-mode "
             f"{args.mask_mode} masks by it: drop --no-train-mode, or pass --mask-mode random or --keep-ratio 1.0")
     return criterion
-
-
-def check_args(args) -> None:
-    for flag in ("ThreeAugment", "src", "cosub", "attn_only"):
-        if getattr(args, flag):
-            raise ValueError(f"--{flag.replace('_', '-')} is a DeiT feature main_maskedkd.py does not implement; "
-                             "drop the flag (use DeiT's main.py for it)")
-    if args.distillation_type != "none" and not args.teacher_path and not args.eval:
-        raise ValueError(f"--distillation-type {args.distillation_type} needs --teacher-path: a DeiT checkpoint "
-                         "({'model': ...}), a plain state dict, a .safetensors file or an https URL")
-    if args.amp_dtype == "fp16" and not str(args.device).startswith("cuda"):
-        raise ValueError("--amp-dtype fp16 needs a GPU (its grad scaler is CUDA-only): use bf16 or none on CPU")
-    preflight.check_schedule(args)
-    preflight.check_model_name(args.model, flag="--model")
-    if args.distillation_type != "none":
-        preflight.check_model_name(args.teacher_model, flag="--teacher-model")
 
 
 def _resolve_device(args) -> torch.device:
