@@ -41,7 +41,7 @@ def cli(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
         if args.demo:
-            demo.run_demo(args, train.main, parse_args)
+            demo.run_demo(args)
         else:
             train.main(args)
     except NonFiniteLossError as error:

@@ -14,10 +14,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from . import distributed as dist_utils
 from . import procs, shipped_teacher
+from .args import parse_args
+from .train import main
 
 MAIN = Path(__file__).resolve().parent.parent / "main_maskedkd.py"
 
@@ -89,7 +91,8 @@ def _arm_record(arm: str, out: Path, seconds: float) -> Dict:
             "teacher_tokens_kept": last.get("train_teacher_tokens_kept"), "seconds": seconds}
 
 
-def run_demo(args, main_fn: Callable, parse_fn: Callable[[List[str]], object], cfg: Optional[Dict] = None) -> Dict:
+def run_demo(args, cfg: Optional[Dict] = None) -> Dict:
+    """Train every demo arm (``cfg`` overrides ``DEFAULTS``), print their table and return its numbers."""
     import torch
     cfg = {**DEFAULTS, **(cfg or {})}
     out = Path(args.output_dir or "output/demo")
@@ -117,7 +120,7 @@ def run_demo(args, main_fn: Callable, parse_fn: Callable[[List[str]], object], c
         seconds = {}
         for arm, argv in commands.items():
             arm_start = time.time()
-            main_fn(parse_fn(argv))
+            main(parse_args(argv))
             seconds[arm] = time.time() - arm_start
     torch.set_num_threads(max(1, workers))
     summary: Dict = {"teacher_acc1": teacher_accuracy(info, cfg["val_size"]), "workers": workers,

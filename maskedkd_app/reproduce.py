@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import procs
+from . import build, procs
+from .args import parse_args
+from .train import main as train_main
 
 REPO = Path(__file__).resolve().parent.parent  # children run ``-m maskedkd_app.reproduce`` from here
 
@@ -109,15 +111,8 @@ def arm_argv(arm: str, *, p: Dict, seed: int, device: str, out: Path, teacher_pa
     return argv
 
 
-def _parse(argv: List[str]):
-    import main_maskedkd
-    parser = argparse.ArgumentParser(parents=[main_maskedkd.get_args_parser()])
-    return parser.parse_args(argv)
-
-
 def _run(argv: List[str]) -> Dict:
-    import main_maskedkd
-    return main_maskedkd.main(_parse(argv))
+    return train_main(parse_args(argv))
 
 
 def teacher_argv(p: Dict, *, device: str, root: Path) -> List[str]:
@@ -313,13 +308,12 @@ def masked_teacher_analysis(p: Dict, *, teacher_path: Path, student_dir: Path, n
     """
     import torch
     import timm
-    import main_maskedkd
     from .checkpoint import extract_state_dict, read_checkpoint
     from .data import build_dataset
-    args = _parse(arm_argv("MaskedKD attention, keep 0.5", p=p, seed=0, device="cpu", out=student_dir,
+    args = parse_args(arm_argv("MaskedKD attention, keep 0.5", p=p, seed=0, device="cpu", out=student_dir,
                            teacher_path=teacher_path, mask_vis=None))
     args.procedural_val_size = num_images
-    teacher = main_maskedkd.create_teacher(args, 10).eval()
+    teacher = build.create_teacher(args, 10).eval()
     student = timm.create_model(args.model, pretrained=False, num_classes=10, img_size=args.input_size,
                                 **args.model_kwargs)
     student.load_state_dict(extract_state_dict(read_checkpoint(str(student_dir / "checkpoint.pth"))))
@@ -338,7 +332,7 @@ def masked_teacher_analysis(p: Dict, *, teacher_path: Path, student_dir: Path, n
         for mode in modes:
             for keep in keeps:
                 args.mask_mode, args.keep_ratio = mode, keep
-                criterion = main_maskedkd.build_criterion(args, model=student, teacher=teacher, mixup_active=False)
+                criterion = build.build_criterion(args, model=student, teacher=teacher, mixup_active=False)
                 correct, entropy, kl = 0, 0.0, 0.0
                 for (x, y), full in zip(batches, full_probs):
                     with torch.enable_grad():  # the hook records training forwards only (train mode, grad on)
