@@ -24,26 +24,13 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import procs
+from . import build, procs, shipped_teacher
+from .args import parse_args
+from .recipes import ARMS, CPU_SETUP, arm_argv, teacher_argv
+from .train import main as train_main
 
 REPO = Path(__file__).resolve().parent.parent  # children run ``-m maskedkd_app.reproduce`` from here
 
-# name -> (distillation type, mask mode, keep ratio, extra flags); 'teacher' is analysis only: it costs a full
-# teacher pass. The keep warm-up anneals 1.0 -> 0.5 over the first third of training (--keep-schedule).
-ARMS: Dict[str, tuple] = {
-    "no KD": ("none", "none", 1.0, []),
-    "full-teacher KD": ("soft", "none", 1.0, []),
-    "MaskedKD attention, keep 0.5": ("soft", "attention", 0.5, []),
-    "MaskedKD attention, keep 0.25": ("soft", "attention", 0.25, []),
-    "random mask, keep 0.5": ("soft", "random", 0.5, []),
-    "random mask, keep 0.25": ("soft", "random", 0.25, []),
-    "teacher-attention mask, keep 0.5 (analysis)": ("soft", "teacher", 0.5, []),
-    "MaskedKD 0.5 with keep warm-up from 1.0": ("soft", "attention", 0.5, ["--keep-schedule", "linear"]),
-    "ViTKD + full KD": ("soft", "none", 1.0, ["--feature-kd", "vitkd"]),
-    "ViTKD + MaskedKD 0.5": ("soft", "attention", 0.5, ["--feature-kd", "vitkd"]),
-    # Analysis: does a softer full-teacher target alone (tau 4) do what the masked teacher's softer target does?
-    "full-teacher KD, tau 4 (analysis)": ("soft", "none", 1.0, ["--distillation-tau", "4"]),
-}
 # Left out by default so that the cpu preset's default call stays within 90 minutes on 2 cores: the '(analysis)'
 # arms (``--analysis-arms``) explain results rather than reproduce the paper's table, and ViTKD + full KD, the
 # dearest arm (a full teacher pass plus feature heads), asks whether ViTKD's gain needs the mask (``--add-arms``).
@@ -51,15 +38,13 @@ NOT_DEFAULT = {"ViTKD + full KD"}
 DEFAULT_ARMS = [arm for arm in ARMS if not arm.endswith("(analysis)") and arm not in NOT_DEFAULT]
 
 PRESETS = {
-    # 2-core CPU: 32 px, 8x8 patch grid, the shipped teacher (its architecture is in its JSON record), a small
-    # ViT student; one thread per run, data made in-process. 20% of the student's training labels are wrong: with
-    # clean labels the 99.6% teacher is one-hot on these images and soft KD is the label loss again (measured:
-    # full KD no better than no KD; REPRODUCTION_clean_labels.md), so the comparison could not show anything.
+    # 2-core CPU, the demo's setup (recipes.CPU_SETUP: 32 px, the shipped teacher, a 3-block ViT student). 20% of
+    # the student's training labels are wrong: with clean labels the 99.6% teacher is one-hot on these images and
+    # soft KD is the label loss again (measured: full KD no better than no KD; REPRODUCTION_clean_labels.md), so the
+    # comparison could not show anything.
     # 30 epochs, not 20: with wrong labels the no-KD student leaves its chance-level start late, and at 20 epochs it
     # ended at 35-53% depending on the seed (REPRODUCTION_20_epochs.md); at 30 every seed is above 50%.
-    "cpu": {"img": 32, "patch": 4, "train": 5000, "val": 1000, "batch": 64, "student_epochs": 30, "workers": 0,
-            "lr": 1e-3, "warmup": 0, "tau": 1.0, "label_noise": 0.2, "teacher": "shipped",
-            "student": ["deit_tiny_patch16_224", "embed_dim=64", "depth=3", "num_heads=2"]},
+    "cpu": {**CPU_SETUP, "student_epochs": 30, "label_noise": 0.2},
     # One GPU: 64 px, 16x16 grid, the DeiT-S/Ti shapes at reduced depth, more data and epochs.
     "gpu": {"img": 64, "patch": 4, "train": 50000, "val": 5000, "batch": 256, "teacher_epochs": 40,
             "student_epochs": 30, "workers": 8, "lr": 1e-3, "warmup": 1, "tau": 1.0, "label_noise": 0.0,
@@ -68,65 +53,8 @@ PRESETS = {
 }
 
 
-def _common(p: Dict, device: str, out: Path) -> List[str]:
-    return ["--data-set", "PROCEDURAL", "--input-size", str(p["img"]), "--batch-size", str(p["batch"]),
-            "--procedural-train-size", str(p["train"]), "--procedural-val-size", str(p["val"]),
-            "--num_workers", str(p["workers"]), "--device", device, "--mixup", "0", "--cutmix", "0", "--reprob", "0",
-            "--smoothing", "0", "--drop-path", "0", "--no-model-ema", "--no-repeated-aug", "--unscale-lr",
-            "--lr", str(p.get("lr", 1e-3)), "--warmup-epochs", str(p.get("warmup", 0)), "--cooldown-epochs", "0",
-            "--print-freq", "50", "--procedural-label-noise", str(p.get("label_noise", 0.0))]
-
-
-def _teacher_flags(p: Dict, teacher_path: Path) -> List[str]:
-    if p["teacher"] == "shipped":
-        from . import shipped_teacher
-        return shipped_teacher.teacher_flags(shipped_teacher.read_meta(teacher_path.with_suffix(".json")),
-                                             weights=teacher_path)
-    # Trained here on the data pipeline's (ImageNet) statistics: say so, or the loss would trust timm's
-    # pretrained_cfg for the architecture (0.5/0.5 for vit_*) and re-normalise the teacher's input.
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    return _model(p["teacher"], p["patch"], teacher=True) + [
-        "--teacher-path", str(teacher_path), "--teacher-mean", *map(str, IMAGENET_DEFAULT_MEAN),
-        "--teacher-std", *map(str, IMAGENET_DEFAULT_STD)]
-
-
-def _model(spec: List[str], patch: int, *, teacher: bool = False) -> List[str]:
-    name_flag, kwargs_flag = ("--teacher-model", "--teacher-kwargs") if teacher else ("--model", "--model-kwargs")
-    return [name_flag, spec[0], kwargs_flag, f"patch_size={patch}", *spec[1:]]
-
-
-def arm_argv(arm: str, *, p: Dict, seed: int, device: str, out: Path, teacher_path: Path,
-             mask_vis: Optional[Path]) -> List[str]:
-    kind, mode, keep, extra = ARMS[arm]
-    argv = _common(p, device, out) + _model(p["student"], p["patch"]) + [
-        "--epochs", str(p["student_epochs"]), "--seed", str(seed), "--output_dir", str(out)]
-    if kind != "none":
-        argv += _teacher_flags(p, teacher_path) + [
-            "--distillation-type", kind, "--distillation-alpha", "0.5", "--distillation-tau", str(p.get("tau", 1.0)),
-            "--kd-reduction", "batchmean", "--mask-mode", mode, "--keep-ratio", str(keep)] + list(extra)
-    if mask_vis is not None:
-        argv += ["--mask-vis", str(mask_vis)]
-    return argv
-
-
-def _parse(argv: List[str]):
-    import main_maskedkd
-    parser = argparse.ArgumentParser(parents=[main_maskedkd.get_args_parser()])
-    return parser.parse_args(argv)
-
-
 def _run(argv: List[str]) -> Dict:
-    import main_maskedkd
-    return main_maskedkd.main(_parse(argv))
-
-
-def teacher_argv(p: Dict, *, device: str, root: Path) -> List[str]:
-    """Training flags for a preset's own teacher: clean labels whatever the student's ``label_noise``.
-
-    The experiment is a teacher that knows what the images show distilled into a student whose labels do not.
-    """
-    return _common({**p, "label_noise": 0.0}, device, root) + _model(p["teacher"], p["patch"]) + [
-        "--epochs", str(p["teacher_epochs"]), "--seed", "0", "--output_dir", str(root / "teacher")]
+    return train_main(parse_args(argv))
 
 
 def ensure_teacher(p: Dict, *, device: str, root: Path, retrain: bool = False) -> Dict:
@@ -135,7 +63,6 @@ def ensure_teacher(p: Dict, *, device: str, root: Path, retrain: bool = False) -
     The cpu preset retrains by rerunning the shipped teacher's recorded command; other presets train their own.
     A teacher trained here is cached under ``root`` and reused by the next call.
     """
-    from . import shipped_teacher
     if p["teacher"] == "shipped" and not retrain:
         info = shipped_teacher.verify()
         return {"acc1": info["val_acc1"], "command": info["command"], "path": str(shipped_teacher.WEIGHTS),
@@ -313,13 +240,12 @@ def masked_teacher_analysis(p: Dict, *, teacher_path: Path, student_dir: Path, n
     """
     import torch
     import timm
-    import main_maskedkd
     from .checkpoint import extract_state_dict, read_checkpoint
     from .data import build_dataset
-    args = _parse(arm_argv("MaskedKD attention, keep 0.5", p=p, seed=0, device="cpu", out=student_dir,
+    args = parse_args(arm_argv("MaskedKD attention, keep 0.5", p=p, seed=0, device="cpu", out=student_dir,
                            teacher_path=teacher_path, mask_vis=None))
     args.procedural_val_size = num_images
-    teacher = main_maskedkd.create_teacher(args, 10).eval()
+    teacher = build.create_teacher(args, 10).eval()
     student = timm.create_model(args.model, pretrained=False, num_classes=10, img_size=args.input_size,
                                 **args.model_kwargs)
     student.load_state_dict(extract_state_dict(read_checkpoint(str(student_dir / "checkpoint.pth"))))
@@ -338,7 +264,7 @@ def masked_teacher_analysis(p: Dict, *, teacher_path: Path, student_dir: Path, n
         for mode in modes:
             for keep in keeps:
                 args.mask_mode, args.keep_ratio = mode, keep
-                criterion = main_maskedkd.build_criterion(args, model=student, teacher=teacher, mixup_active=False)
+                criterion = build.build_criterion(args, model=student, teacher=teacher, mixup_active=False)
                 correct, entropy, kl = 0, 0.0, 0.0
                 for (x, y), full in zip(batches, full_probs):
                     with torch.enable_grad():  # the hook records training forwards only (train mode, grad on)

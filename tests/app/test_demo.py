@@ -1,16 +1,15 @@
 """The demo at toy size: shipped teacher verified, three student arms, one table whose numbers come from the run."""
 import json
 
-import main_maskedkd
+from maskedkd_app.args import parse_args
 from maskedkd_app import demo, procs
 
 TOY = {"train_size": 128, "val_size": 64, "epochs": 1}
 
 
 def test_demo_table_from_its_own_runs(tmp_path, capsys):
-    parser = main_maskedkd.argparse.ArgumentParser(parents=[main_maskedkd.get_args_parser()])
-    args = parser.parse_args(["--demo", "--output_dir", str(tmp_path), "--device", "cpu"])
-    summary = main_maskedkd.run_demo(args, cfg=TOY)
+    args = parse_args(["--demo", "--output_dir", str(tmp_path), "--device", "cpu"])
+    summary = demo.run_demo(args, cfg=TOY)
     out = capsys.readouterr().out
     assert "sha256 ok" in out
     arms = summary["arms"]
