@@ -244,10 +244,20 @@ class DistillationLoss(nn.Module):
         return {"teacher_images": meter.images, "teacher_tokens": meter.tokens,
                 "teacher_tokens_kept_frac": meter.kept_fraction}
 
+    def _describe_kd(self) -> str:
+        line = f"{self.distillation_type} KD, alpha={self.alpha:g}"
+        if self.distillation_type == "soft":
+            classes = _num_classes(self.teacher_model)
+            scale = f"1/{classes}" if classes else "1/classes"
+            line += (f", tau={self.tau:g}, kd_reduction={self.kd_reduction!r}: " +
+                     (f"the KL sum / (batch x classes), DeiT's; {scale} of 'batchmean' (the MaskedKD paper code's)"
+                      if self.kd_reduction == "numel" else "the KL sum / batch, the MaskedKD paper code's"))
+        return line
+
     def describe(self) -> str:
         if self.masked_teacher is None:
             return "no distillation: the teacher never runs"
-        lines = [self.masked_teacher.describe()]
+        lines = [self._describe_kd(), self.masked_teacher.describe()]
         if self.masked_teacher.renorm is not None:
             lines.append(self.masked_teacher.renorm.describe())
         return "\n".join(lines)

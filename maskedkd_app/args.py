@@ -12,6 +12,7 @@ from typing import List, Optional
 from timm.utils import ParseKwargs
 
 from deit_patch.masking import KEEP_SCHEDULES, MASK_MODES
+from deit_patch.quality import GUARD_ACTIONS, GUARD_FALLBACKS
 
 from . import preflight
 
@@ -96,7 +97,10 @@ def _distillation(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distillation-type", default="none", choices=["none", "soft", "hard"], type=str)
     g.add_argument("--distillation-alpha", default=0.5, type=float)
     g.add_argument("--distillation-tau", default=1.0, type=float)
-    g.add_argument("--kd-reduction", default="numel", choices=["numel", "batchmean"])
+    g.add_argument("--kd-reduction", default="numel", choices=["numel", "batchmean"],
+                   help="how the soft-KD KL sum is normalised: 'numel' (DeiT's default) divides it by batch x "
+                        "classes, so the KD term is 1/classes of 'batchmean' (the MaskedKD paper code's, per image); "
+                        "at the same --distillation-alpha the two weight the teacher very differently")
 
 
 def _teacher(p: argparse.ArgumentParser) -> None:
@@ -123,6 +127,20 @@ def _masking(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-schedule-epochs", type=int, default=None,
                    help="epochs the --keep-schedule warm-up lasts (default: a third of --epochs)")
     g.add_argument("--mask-vis", type=str, default="", help="write keep-frequency heat maps and mask grids here")
+    g.add_argument("--mask-guard", default="warn", choices=list(GUARD_ACTIONS),
+                   help="when the fidelity probe shows the chosen mask markedly worse than a random mask of the same "
+                        "size: 'warn' (default), 'fallback' (also switch this run to --guard-fallback, recorded in "
+                        "log.txt and the checkpoint) or 'off'")
+    g.add_argument("--guard-fallback", default="random", choices=list(GUARD_FALLBACKS),
+                   help="what --mask-guard fallback switches to: 'random' patches at the same keep count (same "
+                        "cost) or 'full' (every patch, no saving)")
+    g.add_argument("--probe-every", type=int, default=None, metavar="N",
+                   help="run the fidelity probe (full teacher and a random mask on a few images) every N steps "
+                        "(default: as often as 1%% of the teacher's tokens allows; 0: never)")
+    g.add_argument("--probe-images", type=int, default=8, metavar="N", help="images per fidelity probe (default 8)")
+    g.add_argument("--plots", action="store_true",
+                   help="after every epoch, draw <output_dir>/masking.png from log.txt: student top-1, the teacher's "
+                        "top-1 masked and full, the probe's agreement for the chosen and a random mask")
 
 
 def _vitkd(p: argparse.ArgumentParser) -> None:
@@ -218,6 +236,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.distillation_type != "none" and not args.teacher_path and not args.eval:
         raise ValueError(f"--distillation-type {args.distillation_type} needs --teacher-path: a DeiT checkpoint "
                          "({'model': ...}), a plain state dict, a .safetensors file or an https URL")
+    if args.plots and not args.output_dir:
+        raise ValueError("--plots draws <output_dir>/masking.png from <output_dir>/log.txt: pass --output_dir")
     if args.amp_dtype == "fp16" and not str(args.device).startswith("cuda"):
         raise ValueError("--amp-dtype fp16 needs a GPU (its grad scaler is CUDA-only): use bf16 or none on CPU")
     preflight.check_schedule(args)

@@ -6,7 +6,9 @@ refusal (``preflight.RunError`` / ``CheckpointError``) rather than a late traceb
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import os
 import sys
 from typing import Any, Optional, Tuple
 
@@ -25,7 +27,8 @@ from losses import MaskedDistillationLoss
 
 from . import distributed as dist_utils
 from . import preflight
-from .checkpoint import extract_state_dict, load_state_checked, read_checkpoint
+from .args import get_args_parser
+from .checkpoint import TRAINING_STATE_FORMAT, CheckpointError, extract_state_dict, load_state_checked, read_checkpoint
 from .data import build_dataset, build_loaders, data_stats
 
 
@@ -120,6 +123,46 @@ def build_ema(args, model: torch.nn.Module) -> Optional[ModelEmaV3]:
                       device=torch.device("cpu") if args.model_ema_force_cpu else None)
 
 
+def adopt_teacher_checkpoint_args(args) -> None:
+    """A ``--teacher-path`` that is one of our own training checkpoints says how its model was built and what its
+    input statistics were: take the teacher's name, kwargs and statistics from it where the flags leave them
+    unset (a flag that is given wins, and a line says so)."""
+    path = args.teacher_path
+    if args.distillation_type == "none" or not path or "://" in path or not os.path.isfile(path):
+        return
+    try:
+        state = read_checkpoint(path)
+    except CheckpointError:
+        return  # load_weights reports what the file is
+    saved = state.get("args") if state.get("format") == TRAINING_STATE_FORMAT else None
+    if not isinstance(saved, dict) or not saved.get("model"):
+        return
+    default = get_args_parser().get_default("teacher_model")
+    if args.teacher_model == default:
+        args.teacher_model = saved["model"]
+        print(f"teacher: --teacher-path {path} is a maskedkd training checkpoint of --model {saved['model']}: "
+              "building that")
+    elif args.teacher_model != saved["model"]:
+        print(f"note: --teacher-model {args.teacher_model} given; the checkpoint {path} was trained as "
+              f"--model {saved['model']}")
+    if not args.teacher_kwargs and saved.get("model_kwargs"):
+        args.teacher_kwargs = dict(saved["model_kwargs"])
+        print(f"teacher: --teacher-kwargs {' '.join(f'{k}={v}' for k, v in args.teacher_kwargs.items())} from "
+              "the checkpoint's own arguments")
+    mean, std = data_stats(argparse.Namespace(**saved))
+    if args.teacher_mean is None and args.teacher_std is None:
+        args.teacher_mean, args.teacher_std = list(mean), list(std)
+        print(f"teacher: input statistics from the checkpoint's own data pipeline (mean {_fmt(mean)}, "
+              f"std {_fmt(std)})")
+    elif (tuple(args.teacher_mean or mean), tuple(args.teacher_std or std)) != (tuple(mean), tuple(std)):
+        print(f"note: --teacher-mean/--teacher-std given; the checkpoint was trained with mean {_fmt(mean)} "
+              f"std {_fmt(std)}")
+
+
+def _fmt(values) -> str:
+    return " ".join(f"{float(v):g}" for v in values)
+
+
 def create_teacher(args, nb_classes: int) -> torch.nn.Module:
     """The teacher from its timm name, at the student's resolution when it is a patch-token model.
 
@@ -195,7 +238,8 @@ def build_criterion(args, *, model, teacher, mixup_active: bool) -> MaskedDistil
         teacher_dtype=torch.bfloat16 if args.teacher_bf16 else None, compile_teacher=args.compile_teacher,
         feature_kd=None if getattr(args, "feature_kd", "none") == "none" else args.feature_kd,
         vitkd_alpha=args.vitkd_alpha, vitkd_beta=args.vitkd_beta, vitkd_mask_ratio=args.vitkd_mask_ratio,
-        vitkd_layers=tuple(args.vitkd_layers))
+        vitkd_layers=tuple(args.vitkd_layers), mask_guard=args.mask_guard, guard_fallback=args.guard_fallback,
+        probe_every=args.probe_every, probe_images=args.probe_images)
 
 
 def check_teacher_stats(args, *, teacher, data_mean, data_std) -> None:

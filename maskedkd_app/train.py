@@ -33,6 +33,7 @@ def main(args) -> dict:
     """Train (or evaluate) as DeiT's main.py does; returns the last epoch's log record."""
     with contextlib.ExitStack() as run_scope:  # holds the --output_dir lock until the run ends, however it ends
         config = preflight.experiment_config(args)  # as given: args.lr is rescaled in place below
+        build.adopt_teacher_checkpoint_args(args)  # a teacher trained by this app says how it was built
         check_args(args)
         dist_utils.init_distributed_mode(args)
         device = _resolve_device(args)
@@ -91,7 +92,9 @@ def main(args) -> dict:
                     # so `--epochs 300` resumed from a run started with `--epochs 100` follows the 300-epoch schedule.
                     print("note: the schedule settings differ from the checkpoint's: following the command line")
                     lr_scheduler.load_state_dict(schedule)
-                max_accuracy = float(read_checkpoint(resume).get("extra", {}).get("max_accuracy", 0.0))
+                extra = read_checkpoint(resume).get("extra", {})
+                max_accuracy = float(extra.get("max_accuracy", 0.0))
+                criterion.load_guard_state(extra.get("mask_guard"))  # a fallback switch stays switched
                 print(f"Resumed from {resume}: continuing at epoch {args.start_epoch}")
 
         if args.eval:
@@ -136,8 +139,11 @@ def main(args) -> dict:
                     log_stats["teacher_gflops_per_img"] = cost.extra_teacher + keep_schedule.epoch_gflops(
                         epoch, teacher=teacher, img_size=(args.input_size, args.input_size))
             log_stats.update(epoch_keep)
+            switched = criterion.guard_state().get("switched")
+            if switched:
+                log_stats["mask_guard_switch"] = {k: switched[k] for k in ("from", "to", "at_step")}
             if output_dir and dist_utils.is_main_process():
-                extra = {"max_accuracy": max_accuracy}
+                extra = {"max_accuracy": max_accuracy, "mask_guard": criterion.guard_state()}
                 save_training_state(output_dir / "checkpoint.pth", model=model_without_ddp, optimizer=optimizer,
                                     lr_scheduler=lr_scheduler, epoch=epoch, args=args, scaler=loss_scaler,
                                     model_ema=model_ema, extra=extra, feature_heads=feature_heads, config=config)
@@ -146,6 +152,8 @@ def main(args) -> dict:
                                 output_dir / "best_checkpoint.pth")
                 with (output_dir / "log.txt").open("a") as f:
                     f.write(json.dumps(log_stats) + "\n")
+                if args.plots:
+                    _draw_plots(output_dir)
             dist_utils.barrier()
         if args.start_epoch >= args.epochs:  # a finished run found in output_dir: report it instead of retraining
             print(f"Nothing to train: the checkpoint already covers {args.epochs} epochs")
@@ -157,6 +165,16 @@ def main(args) -> dict:
         if cost is not None:
             log_stats.update(_cost_stats(cost))
         return log_stats
+
+
+def _draw_plots(output_dir: Path) -> None:
+    # A picture is never worth a run: the checkpoint and log line above are already written.
+    try:
+        from .run_plots import plot_run
+        print(f"plots: {plot_run(output_dir)}")
+    except Exception as error:  # noqa: BLE001 (matplotlib, disk, fonts: whatever it is, training goes on)
+        print(f"warning: --plots could not draw {output_dir / 'masking.png'} ({type(error).__name__}: {error}); "
+              "training goes on")
 
 
 def _resolve_device(args) -> torch.device:
