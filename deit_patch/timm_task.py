@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
+import numbers
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -134,6 +136,7 @@ class _MaskedTaskMixin:
                     masking[key] = value
             elif key not in given:
                 kwargs[key] = value
+        _check_numbers(bind_task_args(type(self), args, kwargs))
         try:
             self.timm_base.__init__(self, *args, **kwargs)
         except OSError as err:  # hub download (offline, unknown repo) or a missing local file
@@ -279,6 +282,18 @@ class _MaskedTaskMixin:
             self.masked_teacher.remove_hooks()
             self.teacher.model = self.masked_teacher.teacher
             self.masked_teacher = None
+
+
+def _check_numbers(given: Dict[str, Any]) -> None:
+    # timm takes these as they come; a NaN weight or temperature would only show as a NaN loss much later.
+    for name in ("temperature", "distill_loss_weight", "task_loss_weight"):
+        value = given.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            raise ValueError(f"{name}={value!r} must be a finite number")
+        if (value <= 0) if name == "temperature" else (value < 0):
+            raise ValueError(f"{name}={value!r} must be {'> 0' if name == 'temperature' else '>= 0'}")
 
 
 def bind_task_args(cls: type, args: tuple, kwargs: Dict[str, Any]) -> Dict[str, Any]:

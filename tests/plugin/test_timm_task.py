@@ -409,3 +409,13 @@ def test_cli_refuses_a_train_py_without_timm_task(tmp_path):
         return
     ours, rest = split_args(argv)
     assert ours.keep_ratio == 0.25 and rest == ["--keep", "3", "-b", "8"]  # no prefix matching of train.py flags
+
+
+@needs_task
+@pytest.mark.parametrize("bad", [dict(temperature=float("nan")), dict(temperature=0.0),
+                                 dict(task_loss_weight=float("inf")), dict(distill_loss_weight=-1.0),
+                                 dict(keep_ratio=float("nan")), dict(num_keep=2.5), dict(probe_every=-3)])
+def test_numbers_are_refused_where_they_enter_naming_the_argument(bad):
+    student, teacher = models()
+    with pytest.raises((ValueError, TypeError), match=next(iter(bad))):
+        masked_task(student, teacher, **{"keep_ratio": 0.5, **bad})
