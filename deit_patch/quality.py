@@ -77,10 +77,13 @@ class TeacherQuality:
     def update(self, logits: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
         logits = logits.detach()
         hard = hard_labels(labels, logits.shape[0])
-        labelled = logits.new_tensor(0.0 if hard is None else float(hard.shape[0]), dtype=torch.float64)
-        correct = (logits.argmax(dim=1) == hard.to(logits.device)).sum() if hard is not None else labelled * 0
-        row = torch.stack([labelled.new_tensor(float(logits.shape[0])), labelled, correct.double(),
-                           _entropy(logits).sum().double()])
+        # Counts come from shapes; new_full fills on the device (a tensor made from a Python number would be a
+        # blocking host-to-device copy on CUDA, a sync every step).
+        images = logits.new_full((), float(logits.shape[0]), dtype=torch.float64)
+        labelled = logits.new_full((), 0.0 if hard is None else float(hard.shape[0]), dtype=torch.float64)
+        correct = ((logits.argmax(dim=1) == hard.to(logits.device)).sum().double() if hard is not None
+                   else logits.new_zeros((), dtype=torch.float64))
+        row = torch.stack([images, labelled, correct, _entropy(logits).sum().double()])
         self.sums = row if self.sums is None else self.sums + row
 
     def pop(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, float]:
@@ -150,7 +153,7 @@ class FidelityProbe:
                labels: Optional[torch.Tensor]) -> ProbeResult:
         top_full = full.argmax(dim=1)
         hard = hard_labels(labels, full.shape[0])
-        n = full.new_tensor(float(full.shape[0]), dtype=torch.float64)
+        n = full.new_full((), float(full.shape[0]), dtype=torch.float64)  # a device fill, not a host copy
         labelled = n if hard is not None else n * 0
 
         def correct(logits: torch.Tensor) -> torch.Tensor:
