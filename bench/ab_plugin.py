@@ -13,8 +13,9 @@ function resolves to the working tree's module (none on the paths timed here).
    student): MaskedDistillationLoss (attention mode) of the ref and of the working tree (probe at its default, and
    off where the loss takes ``probe_every``), DistillationLoss (full teacher) of both, and the ceiling (student
    step + pruned teacher on fixed indices: no selection, no bookkeeping). Paired ratios, p25-p75.
-2. The loss call alone on the smoke models (the student's forward untimed): host time per call, and the aten ops it
-   dispatches (torch.profiler, top level; on a GPU each is a kernel launch or a copy).
+2. The loss call alone on the smoke models (the student's forward untimed, each call started on a fresh time slice):
+   host time per call, and the aten ops it dispatches (torch.profiler, top level; on a GPU each is a kernel launch or
+   a copy).
 """
 from __future__ import annotations
 
@@ -158,6 +159,10 @@ def time_calls(ref: ModuleType, reps: int, seed: int) -> Dict[str, Any]:
             for name in names[shift:] + names[:shift]:
                 crit, student = crits[name]
                 out = student(x)
+                if hasattr(os, "sched_yield"):
+                    # Start each timed call on a fresh time slice: on a loaded machine a call that ends past its
+                    # slice waits out other processes, and which calls do depends on their phase, not their cost.
+                    os.sched_yield()
                 t0 = time.perf_counter()
                 loss = crit(x, out, y)
                 elapsed = time.perf_counter() - t0
@@ -206,7 +211,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--mode", choices=("cpu", "smoke", "gpu"), default=None, help="model sizes (bench's modes)")
     p.add_argument("--device", default=None)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--call-reps", type=int, default=300, help="paired loss calls of part 2 (0: skip it)")
+    p.add_argument("--parts", default="steps,calls", help="comma list of steps (1.) and calls (2.)")
+    p.add_argument("--call-reps", type=int, default=300, help="paired loss calls of part 2")
     p.add_argument("--teachers", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
@@ -216,6 +222,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         distill_keep=0.5, teachers=opts.teachers, student=None, fast_teachers=None, batch_size=None, img_size=None,
         num_classes=None, amp=None, threads=None, seed=opts.seed))
     bench_args.ref, bench_args.call_reps, bench_args.json = opts.ref, opts.call_reps, opts.json
+    bench_args.parts = [part.strip() for part in opts.parts.split(",") if part.strip()]
+    unknown = sorted(set(bench_args.parts) - {"steps", "calls"})
+    if unknown or not bench_args.parts:
+        p.error(f"--parts {opts.parts!r}: choose from steps, calls")
     return bench_args
 
 
@@ -224,12 +234,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = setup_device(args)
     meta = run_meta(args, device)
     sha = subprocess.run(["git", "-C", ROOT, "rev-parse", args.ref], capture_output=True, text=True).stdout.strip()
-    meta.update(ref=args.ref, ref_commit=sha, call_reps=args.call_reps)
+    meta.update(ref=args.ref, ref_commit=sha, call_reps=args.call_reps, parts=args.parts)
     print_header(f"Plugin A/B: {args.ref} ({sha[:10]}) vs the working tree", meta, args)
     with tempfile.TemporaryDirectory(prefix="ref_plugin_") as folder:
         ref = import_ref_plugin(args.ref, folder)
-        results: Dict[str, Any] = {"steps": time_steps(BenchContext(args), ref)}
-        if args.call_reps:
+        results: Dict[str, Any] = {}
+        if "steps" in args.parts:
+            results["steps"] = time_steps(BenchContext(args), ref)
+        if "calls" in args.parts:
             results["calls"] = time_calls(ref, args.call_reps, args.seed)
     meta["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     if args.json:

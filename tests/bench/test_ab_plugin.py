@@ -42,6 +42,6 @@ def test_ref_plugin_runs_beside_the_working_tree_and_every_pair_is_recorded(tmp_
 
 
 def test_a_ref_without_the_plugin_is_refused_in_one_line():
-    proc = _run("--ref", "no-such-ref-anywhere", "--mode", "smoke", "--call-reps", "0", timeout=120)
+    proc = _run("--ref", "no-such-ref-anywhere", "--mode", "smoke", "--parts", "calls", timeout=120)
     assert proc.returncode != 0
     assert "git archive no-such-ref-anywhere failed" in proc.stderr and "Traceback" not in proc.stderr
