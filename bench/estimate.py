@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, Optional
 
+from deit_patch.quality import FidelityProbe
+
 from .context import BenchContext
 from .models import parse_spec
 
@@ -22,6 +24,8 @@ BF16_WEIGHTS = 0.95             # bf16 weights vs autocast, eager (no anchor: ca
 COMPILED = 96.7 / 119.6         # deit3_huge at keep 0.5, bf16 weights + compile vs eager autocast
 DEFAULT_EFFICIENCY = 0.7        # achieved / 400 TFLOP/s for a teacher without an anchor (EVA-02: rotary ops)
 COMPILE_S = (15.0, 1.0)         # one torch.compile of a teacher: s + s per block (a guess; none measured here)
+PROBE_IMAGES = 8                # the probe's default probe_images
+SMALL_BATCH = 4.0               # the probe's passes on 8 images reach this much less of the GPU (a guess)
 STARTUP_S = 20.0                # interpreter, imports, CUDA context, the student
 
 
@@ -80,6 +84,18 @@ class Estimate:
         if part == "paper":
             paper = S * (1 if floor else PAPER_STUDENT) + T[0.5] * (1 if floor else PAPER_TEACHER)
             return (reps + 1) * (S + T[0.5] + paper) / 1e3
+        if part == "probe":
+            # off / default interval / every step, each a masked KD step; the every-step variant adds the full
+            # teacher and a random mask on a few images; + the peak and sync calls (2 steps per variant) and one
+            # probe interval of teacher calls for the token count.
+            info = self.models[spec]
+            images = min(PROBE_IMAGES, self.args.batch_size)
+            small = images / self.args.batch_size * (1 if floor else SMALL_BATCH)
+            per_rep = 3 * (S + T[0.5]) + small * (T[1.0] + T[0.5])
+            kept = max(1, min(info["num_patches"], int(round(0.5 * info["num_patches"]))))
+            every = FidelityProbe().interval(batch=self.args.batch_size, patches=info["num_patches"], kept=kept,
+                                             prefix=info["num_prefix_tokens"])
+            return ((reps + 2) * per_rep + every * T[0.5]) / 1e3
         if part == "fast":
             per_rep = T[1.0] + T[0.5] * (1 + (1 if floor else BF16_WEIGHTS) + 2 * (1 if floor else COMPILED))
             compiles = 0.0 if floor else 2 * (COMPILE_S[0] + COMPILE_S[1] * self.models[spec]["depth"])

@@ -10,6 +10,8 @@ a run cut off at any point leaves every finished item on disk):
   teacher  pruned teacher (plugin ``pruned_forward``) vs a hand-written timm gather at keep 1.0/0.75/0.5/0.25
   distill  the KD step at keep 0.5: DistillationLoss (full) vs MaskedDistillationLoss vs the ceiling
   paper    the same step against the paper-code-style baseline (explicit softmax attention in every block)
+  probe    the same MaskedKD step with the fidelity probe off / at its default interval / at every step: the step's
+           cost at the default interval (target <= 1.02), the probe's token share, the host syncs per step
   fast     the fast teacher: bf16 weights + torch.compile vs eager autocast, and a bf16 matmul ceiling
 Peak memory (torch.cuda.max_memory_allocated) is recorded for every variant and every item.
 
@@ -40,9 +42,9 @@ from .context import BenchContext
 from .estimate import RATE_BF16, RATE_FP32, STARTUP_S, Estimate
 from .models import parse_spec, short_name
 from .report import fmt, markdown_table
-from .sections import distill, fast, student, teacher
+from .sections import distill, fast, probe, student, teacher
 from .session_tables import (done_items, items_of, render_capture, render_distill, render_fast, render_paper,
-                             render_teacher)
+                             render_probe, render_teacher)
 from .supervision import complete_args, print_header, run_meta, setup_device
 from .timing import peak_seen_mib
 
@@ -56,6 +58,7 @@ TARGETS = {  # from the CPU sections of BENCHMARKS.md, restated there
     "plugin_over_reference": "<= 1.03 (plugin pruned_forward / hand-written gather, worst keep)",
     "gap_to_ceiling_pp": "<= 2 pp (ceiling saving - MaskedDistillationLoss saving, keep 0.5)",
     "speedup_vs_paper": ">= 1.5x (paper-code-style step / ours, keep 0.5)",
+    "probe_overhead": f"<= {probe.TARGET} (KD step with the probe at its default interval / without, amortised)",
     "fast_speedup": ">= 1.2x (eager autocast / bf16 + compile, keep 0.5)",
 }
 
@@ -117,6 +120,10 @@ def _run_paper(session: "Session", spec: str) -> Any:
     return distill.run(session.ctx, [spec], variants=("masked", "paper"))[0]
 
 
+def _run_probe(session: "Session", spec: str) -> Any:
+    return probe.run(session.ctx, [spec])[0]
+
+
 def _run_fast(session: "Session", spec: str) -> Any:
     result = fast.run(session.ctx, [spec])
     entry = result["teachers"][0]
@@ -128,12 +135,15 @@ def _run_fast(session: "Session", spec: str) -> Any:
 PARTS: List[Part] = [
     Part("capture", "Capture overhead on the student step (hook on vs off)", 30, 10,
          lambda s: ["student"], _run_capture, render_capture),
-    Part("teacher", "Pruned teacher vs hand-written gather (keep 1.0 / 0.75 / 0.5 / 0.25)", 110, 15,
+    Part("teacher", "Pruned teacher vs hand-written gather (keep 1.0 / 0.75 / 0.5 / 0.25)", 95, 15,
          _teachers, _run_teacher, render_teacher),
-    Part("distill", "KD step saving at keep 0.5 against the ceiling", 70, 15,
+    Part("distill", "KD step saving at keep 0.5 against the ceiling", 60, 15,
          _teachers, _run_distill, render_distill),
-    Part("paper", "Ours vs the paper-code-style baseline (explicit attention), keep 0.5", 50, 10,
+    Part("paper", "Ours vs the paper-code-style baseline (explicit attention), keep 0.5", 40, 10,
          _teachers, _run_paper, render_paper),
+    # Late: the probe's cost is expected to be small; before 'fast', whose compile times are the least certain.
+    Part("probe", "Fidelity probe on the KD step: off / default interval / every step, keep 0.5", 35, 8,
+         _teachers, _run_probe, render_probe),
     Part("fast", "Fast teacher: bf16 weights + torch.compile vs eager autocast, keep 0.5", 190, 30,
          _fast_teachers, _run_fast, render_fast),
 ]
@@ -246,6 +256,10 @@ class Session:
             value = res["speedup_ours_vs_paper"]
             figures.append((f"ours vs paper-code style, {short_name(spec)}", fmt(value, ".3f"), "speedup_vs_paper",
                             value >= 1.5))
+        for spec, res in done("probe"):
+            value = res["overhead_amortised"]
+            figures.append((f"probe at its default interval (every {res['probe_every']}), {short_name(spec)}",
+                            fmt(value, ".4f"), "probe_overhead", value <= probe.TARGET))
         for spec, res in done("fast"):
             v = res["variants"].get("keep, bf16 + compile")
             value = 1 / v["ratio_vs_eager_autocast_paired"] if v else None
@@ -401,7 +415,7 @@ def print_plan(opts: argparse.Namespace) -> int:
     teachers = args.teachers + ([eva] if eva in table.get("models", {}) else [])
     fast_order = args.teachers[:1] + args.teachers[-1:] + args.teachers[1:-1]
     items = {"capture": ["student"], "teacher": teachers, "distill": teachers, "paper": teachers,
-             "fast": fast_order}
+             "probe": teachers, "fast": fast_order}
     print(f"Expected H100 wall time per item (batch {args.batch_size}, {args.img_size} px, {args.warmup}+{args.iters}"
           f" repetitions; floor = FLOP time at {RATE_BF16 / 1e12:.0f} TFLOP/s bf16, {RATE_FP32 / 1e12:.0f} fp32; "
           "expected = calibrated on ANCHORS.md's H100 times, compiles guessed)")

@@ -63,6 +63,31 @@ def render_paper(part: Dict[str, Any]) -> List[str]:
                             "peak MiB paper"], rows)] if rows else []
 
 
+def render_probe(part: Dict[str, Any]) -> List[str]:
+    rows = []
+    for spec, res in done_items(part):
+        v = res["variants"]
+        syncs = "/".join(fmt(v[n]["host_syncs_per_step"], "d") for n in ("off", "default", "every"))
+        rows.append([short_name(spec), res["probe_every"], f"{100 * res['count']['share']:.2f}%",
+                     fmt(v["off"]["median_ms"]), _ratio(res["ratio_between"]), _ratio(res["ratio_probing"]),
+                     f"{100 * res['probe_part_amortised']:+.2f}%",
+                     f"{res['overhead_amortised']:.4f} ({res['overhead_amortised_p25']:.4f}-"
+                     f"{res['overhead_amortised_p75']:.4f})", syncs,
+                     fmt(v["off"]["peak_extra_mib"], ".0f"), fmt(v["every"]["peak_extra_mib"], ".0f")])
+    if not rows:
+        return []
+    return [markdown_table(["teacher", "every N", "probe tokens", "off ms", "between probes (p25-p75)",
+                            "probing step (p25-p75)", "probe part", "amortised (p25-p75)",
+                            "host syncs off/default/every", "peak MiB off", "peak MiB every"], rows), "",
+            "Between / probing step: paired ratios against the probe off; amortised = ((N - 1) between + probing) / "
+            "N; probe part = (probing - between) / N; probe tokens: meter.probe_tokens / meter.tokens over N "
+            "consecutive teacher calls; host syncs: torch.cuda.set_sync_debug_mode warnings in one step."]
+
+
+def _ratio(ratio: Optional[Dict[str, float]]) -> str:
+    return "n/a" if ratio is None else f"{ratio['median']:.3f} ({ratio['p25']:.3f}-{ratio['p75']:.3f})"
+
+
 def render_fast(part: Dict[str, Any]) -> List[str]:
     rows, lines = [], []
     for spec, res in done_items(part):

@@ -16,6 +16,9 @@ Sections (``--section``, comma separated, names or numbers; default all):
              teacher and at --distill-keep (first teacher), plus the heads' fvcore GMAC
   7 compiled student train step eager vs torch.compile (--compile-backend, default inductor), each with and without
              ``AttentionCapture``; the compiled scores are checked against the eager ones first
+  8 probe    the KD step (MaskedDistillationLoss, --distill-keep) with the fidelity probe off, at its default
+             interval and at every step: the step's cost at the default interval (paired ratios, amortised over the
+             interval; target <= 1.02) and the probe's share of the teacher tokens as the plugin's meter counts it
 
 Every ratio compares variants timed in the same process, interleaved round-robin inside each repetition (the
 starting variant rotates), so drifting load hits them alike; the figures are medians over ``--iters`` repetitions
@@ -65,7 +68,7 @@ def parse_args(argv: Optional[List[str]] = None, *, prog: Optional[str] = None) 
     p.add_argument("--iters", type=int, default=TIMING_ITERS_TO_REPORT,
                    help="timed repetitions (medians; use >= 20 for reported figures)")
     p.add_argument("--keeps", default="1.0,0.75,0.5,0.25")
-    p.add_argument("--distill-keep", type=float, default=0.5, help="keep ratio for sections 3, 5 and 6")
+    p.add_argument("--distill-keep", type=float, default=0.5, help="keep ratio for sections 3, 5, 6 and 8")
     p.add_argument("--teachers", default=None,
                    help="comma list of timm names, each optionally name:key=value:... (create_model overrides)")
     p.add_argument("--student", default=None)

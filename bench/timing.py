@@ -11,6 +11,7 @@ import math
 import resource
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
@@ -88,6 +89,13 @@ def paired_ratio(a: Stat, b: Stat) -> float:
     return statistics.median(x / y for x, y in zip(a.samples, b.samples))
 
 
+def paired_ratios(a: Stat, b: Stat, keep: Optional[List[bool]] = None) -> Stat:
+    """The per-repetition ratios a_i / b_i themselves (median = ``paired_ratio``, quantiles = their spread);
+    ``keep``: only the repetitions marked True."""
+    pairs = zip(a.samples, b.samples, keep if keep is not None else [True] * len(a.samples))
+    return Stat([x / y for x, y, k in pairs if k])
+
+
 _PEAK_SEEN = {"bytes": 0}  # the highest torch.cuda.max_memory_allocated seen across the resets below
 
 
@@ -115,6 +123,22 @@ def peak_extra_mib(fn: Callable[[], Any], device: torch.device) -> Optional[floa
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def host_syncs(fn: Callable[[], Any], device: torch.device) -> Optional[int]:
+    """Synchronising CUDA calls one call of ``fn`` makes (torch.cuda.set_sync_debug_mode; None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def maxrss_mib() -> float:

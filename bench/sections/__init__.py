@@ -8,7 +8,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Dict
 
-from . import compiled, cost, distill, fast, student, teacher, vitkd
+from . import compiled, cost, distill, fast, probe, student, teacher, vitkd
 
 SECTIONS: Dict[str, ModuleType] = {
     "teacher": teacher,
@@ -18,4 +18,5 @@ SECTIONS: Dict[str, ModuleType] = {
     "fast": fast,
     "vitkd": vitkd,
     "compiled": compiled,
+    "probe": probe,
 }

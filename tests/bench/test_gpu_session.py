@@ -16,7 +16,7 @@ import timm
 from deit_patch.teachers import find_family
 from tinymodels import ROOT
 
-PARTS = ["capture", "teacher", "distill", "paper", "fast"]  # the brief's parts, most important first
+PARTS = ["capture", "teacher", "distill", "paper", "probe", "fast"]  # the brief's parts, most important first
 KEEPS = [1.0, 0.75, 0.5, 0.25]
 IMG = 48  # smoke mode's image size
 
@@ -127,6 +127,11 @@ def test_part_figures_have_their_keys_and_agree_with_each_other(smoke):
         assert set(res["variants"]) == {"masked", "paper"}
         want = res["variants"]["paper"]["median_ms"] / res["variants"]["masked"]["median_ms"]
         assert 0.2 * want < res["speedup_ours_vs_paper"] < 5 * want  # a paired median, near the ratio of medians
+    assert set(done["probe"]) == set(done["teacher"])
+    for spec, res in done["probe"].items():
+        assert set(res["variants"]) == {"off", "default", "every"} and res["num_keep"] == round(0.5 * _patches(spec))
+        assert res["count"]["probes"] == 1 and res["count"]["calls"] == res["probe_every"] > 1
+        assert 0 < res["count"]["share"] <= 0.01 and res["probing_reps"]["every"] == 3
     (spec, fast), = done["fast"].items()
     assert fast["compile"] == {"skipped": "--no-compile"}
     assert {"keep, eager autocast bf16", "keep, bf16 weights eager"} <= set(fast["variants"])
@@ -138,6 +143,7 @@ def test_markdown_has_a_section_per_part_and_the_targets(smoke):
     for name in PARTS:
         assert f"### {name}: " in markdown
     assert "### Against the targets" in markdown and "<= 1.03" in markdown
+    assert "| probe at its default interval (every " in markdown and "amortised (p25-p75)" in markdown
     assert "toy models" in markdown  # smoke figures are labelled as such
     teacher = next(s for s, i in record["parts"]["teacher"]["items"].items() if i["status"] == "done")
     assert teacher.split(":")[0] in markdown
