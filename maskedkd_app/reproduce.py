@@ -78,7 +78,7 @@ PRESETS = {
     # teacher's architecture trained here on the same data (cached in the output folder); the student is the cpu
     # one. No flips (a mirrored digit is another class or none), no RandAugment, crops with 4 px padding.
     "digits": {"img": 32, "patch": 4, "train": 1347, "val": 450, "batch": 64, "teacher_epochs": 150,
-               "student_epochs": 40, "workers": 0, "lr": 1e-3, "warmup": 5, "tau": 1.0, "label_noise": 0.0,
+               "student_epochs": 30, "workers": 0, "lr": 1e-3, "warmup": 5, "tau": 1.0, "label_noise": 0.0,
                "data_set": "DIGITS", "data_flags": ["--hflip", "0", "--aa", "", "--color-jitter", "0"],
                "teacher": ["vit_small_patch16_224", "embed_dim=96", "depth=4", "num_heads=3"],
                "student": ["deit_tiny_patch16_224", "embed_dim=64", "depth=3", "num_heads=2"]},

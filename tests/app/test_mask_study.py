@@ -1,0 +1,46 @@
+"""The mask study's measurements: patch grey levels, border ring, oracle criteria, per-epoch snapshots."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from maskedkd_app import mask_study, reproduce
+from maskedkd_app.checkpoint import read_checkpoint
+
+
+def test_patch_means_border_and_oracles():
+    raw = np.zeros((2, 8, 8), dtype=np.float32)
+    raw[0, 0:2, 2:4] = 1.0       # image 0: patch (0, 1) of a 4x4 grid of 2x2 patches is full ink
+    raw[1, 6:8, 6:8] = 0.5       # image 1: patch (3, 3) half grey
+    ink = mask_study.patch_means(raw, (4, 4))
+    want = torch.zeros(2, 16, dtype=torch.float64)
+    want[0, 1], want[1, 15] = 1.0, 0.5
+    assert torch.allclose(ink.double(), want)
+    border = mask_study.border_patches((4, 4))
+    assert int(border.sum()) == 12 and not border[5] and border[0] and border[15]
+    picks = mask_study.criteria(None, ink.float())
+    assert set(picks) == {"random", "ink (brightest patches)", "background (darkest patches)"}
+    assert picks["ink (brightest patches)"](1).tolist() == [[1], [15]]
+    assert 1 not in picks["background (darkest patches)"](15)[0].tolist()
+    described = mask_study.describe_keep(torch.tensor([[1, 5], [0, 15]]), ink.float(), border)
+    assert described == pytest.approx({"ink_share": 0.5, "blank_share": 0.5, "border_share": 0.75})
+    scores = torch.rand(2, 16)
+    with_scores = mask_study.criteria(scores, ink.float())
+    assert torch.equal(with_scores["attention"](4), scores.topk(4, dim=1).indices.sort(1).values)
+    mixed = with_scores["mixed"](8)
+    for row, s in zip(mixed.tolist(), scores):
+        assert set(s.topk(4).indices.tolist()) <= set(row)
+
+
+def test_train_with_snapshots_keeps_one_checkpoint_per_epoch(tmp_path):
+    p = dict(reproduce.PRESETS["cpu"], train=64, val=32, batch=32, student_epochs=3)
+    argv = reproduce.arm_argv("no KD", p=p, seed=0, device="cpu", out=tmp_path / "run", teacher_path=Path("unused"),
+                              mask_vis=None)
+    got = mask_study.train_with_snapshots(argv, tmp_path / "snaps", poll_s=0.05)
+    assert got["missing"] == [] and sorted(got["snapshots"]) == [0, 1, 2]
+    for epoch, path in got["snapshots"].items():
+        assert int(read_checkpoint(path)["epoch"]) == epoch
+    last = read_checkpoint(got["snapshots"][2])["model"]
+    final = read_checkpoint(tmp_path / "run" / "checkpoint.pth")["model"]
+    assert all(torch.equal(last[k], final[k]) for k in final)
