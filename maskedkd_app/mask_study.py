@@ -155,16 +155,36 @@ def describe_keep(keep: torch.Tensor, ink: torch.Tensor, border: torch.Tensor) -
             "border_share": float(border[keep].float().mean())}
 
 
-def measure(teacher, x, y, ink, border, scores: Optional[torch.Tensor], keeps=KEEPS) -> Dict[str, Dict]:
-    """Masked teacher top-1 and what its kept patches hold, per criterion and keep."""
+def painted(x: torch.Tensor, keep: torch.Tensor, grid: Tuple[int, int], blank: torch.Tensor) -> torch.Tensor:
+    """``x`` with every patch outside ``keep`` painted the blank background (``blank``: (3,) normalised value)."""
+    n, _, h, w = x.shape
+    mask = torch.zeros(n, grid[0] * grid[1], dtype=torch.bool)
+    mask.scatter_(1, keep, True)
+    pixels = mask.reshape(n, 1, grid[0], 1, grid[1], 1).expand(n, 1, grid[0], h // grid[0], grid[1], w // grid[1])
+    pixels = pixels.reshape(n, 1, h, w)
+    return torch.where(pixels, x, blank.reshape(1, 3, 1, 1).to(x.dtype))
+
+
+def measure(teacher, x, y, ink, border, scores: Optional[torch.Tensor], keeps=KEEPS,
+            blank: Optional[torch.Tensor] = None) -> Dict[str, Dict]:
+    """Masked teacher top-1 and what its kept patches hold, per criterion and keep.
+
+    With ``blank`` (the normalised value of an empty pixel) also ``acc1_painted``: the full teacher on the image with
+    the dropped patches painted blank instead of removed, i.e. whether the kept patches still carry the class when
+    the teacher is told that the rest is empty.
+    """
     p = ink.shape[1]
+    grid = (int(round(p ** 0.5)),) * 2
     out: Dict[str, Dict] = {}
     for name, choose in criteria(scores, ink).items():
         for keep_ratio in keeps:
             keep = choose(int(round(keep_ratio * p)))
             probs = teacher_predictions(teacher, x, keep)
-            out.setdefault(name, {})[str(keep_ratio)] = {
-                "acc1": 100.0 * float((probs.argmax(-1) == y).float().mean()), **describe_keep(keep, ink, border)}
+            row = {"acc1": 100.0 * float((probs.argmax(-1) == y).float().mean()), **describe_keep(keep, ink, border)}
+            if blank is not None:
+                filled = teacher_predictions(teacher, painted(x, keep, grid, blank), None)
+                row["acc1_painted"] = 100.0 * float((filled.argmax(-1) == y).float().mean())
+            out.setdefault(name, {})[str(keep_ratio)] = row
     return out
 
 
@@ -309,11 +329,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     grid = teacher_grid(teacher)
     ink, border = patch_means(raw, grid), border_patches(grid)
     full = teacher_predictions(teacher, x, None)
+    from .data import data_stats
+    mean, std = data_stats(targs)
+    blank = (torch.zeros(3) - torch.tensor(mean)) / torch.tensor(std)  # an empty (black) pixel, normalised
     results["images"] = len(y)
     results["teacher_full_acc1"] = 100.0 * float((full.argmax(-1) == y).float().mean())
     results["patches_with_ink"] = float((ink > INK).float().mean())
     results["blank_patches"] = float((ink < BLANK).float().mean())
-    results["oracles"] = measure(teacher, x, y, ink, border, None)
+    results["oracles"] = measure(teacher, x, y, ink, border, None, blank=blank)
+    results["teacher_attention"] = {"profile": attention_profile(attention_scores(teacher, x), ink, border),
+                                    **measure(teacher, x, y, ink, border, attention_scores(teacher, x),
+                                              blank=blank)}
     runs = json.loads((root / "runs.json").read_text())
     students: Dict[str, Dict] = {}
     for key, record in sorted(runs.items()):
@@ -323,7 +349,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         student = load_student(targs, ckpt)
         scores = attention_scores(student, x)
-        got = measure(teacher, x, y, ink, border, scores)
+        got = measure(teacher, x, y, ink, border, scores, blank=blank)
         students[key] = {"arm": arm, "seed": int(seed), "student_acc1": record["acc1"],
                          "attention": attention_profile(scores, ink, border),
                          **{name: got[name] for name in ("attention", "mixed")}}

@@ -44,3 +44,17 @@ def test_train_with_snapshots_keeps_one_checkpoint_per_epoch(tmp_path):
     last = read_checkpoint(got["snapshots"][2])["model"]
     final = read_checkpoint(tmp_path / "run" / "checkpoint.pth")["model"]
     assert all(torch.equal(last[k], final[k]) for k in final)
+
+
+def test_painted_blanks_exactly_the_dropped_patches():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    blank = torch.tensor([-1.0, -2.0, -3.0])
+    out = mask_study.painted(x, torch.tensor([[0, 5], [15, 3]]), (4, 4), blank)
+    for i, kept in enumerate(([0, 5], [15, 3])):
+        for patch in range(16):
+            r, c = divmod(patch, 4)
+            block, original = out[i, :, 2 * r:2 * r + 2, 2 * c:2 * c + 2], x[i, :, 2 * r:2 * r + 2, 2 * c:2 * c + 2]
+            if patch in kept:
+                assert torch.equal(block, original)
+            else:
+                assert torch.equal(block, blank.reshape(3, 1, 1).expand(3, 2, 2))
