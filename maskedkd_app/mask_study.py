@@ -200,38 +200,65 @@ def attention_profile(scores: torch.Tensor, ink: torch.Tensor, border: torch.Ten
 # ----------------------------------------------------------------------------------------- over training
 
 
-def train_with_snapshots(argv: List[str], snap_dir: Path, *, poll_s: float = 0.2) -> Dict:
-    """Train one run through the app and copy its checkpoint after every epoch (the app keeps only the last).
+class SnapshotWatcher:
+    """Keeps the student weights of every epoch of a run that is training (the app keeps only the last checkpoint).
 
-    A thread watches ``checkpoint.pth`` (written atomically each epoch) and copies each new epoch's; the epochs
-    found are checked against the run's length afterwards, so a missed snapshot is reported, not silently skipped.
+    ``poll()`` copies ``<run_dir>/checkpoint.pth`` (written atomically once per epoch) when it changed, checks the
+    epoch recorded inside, and stores the weights as ``<snap_dir>/epochNNN.pth``; call it more often than epochs end.
     """
-    from .checkpoint import read_checkpoint
+
+    def __init__(self, run_dir: Path, snap_dir: Path):
+        self.run_dir, self.snap_dir = Path(run_dir), Path(snap_dir)
+        self.seen: Dict[int, Path] = {int(f.stem[5:]): f for f in self.snap_dir.glob("epoch*.pth")}
+        self._stamp: Optional[int] = None
+
+    def poll(self) -> None:
+        from .checkpoint import read_checkpoint, save_atomic
+        try:
+            stamp = (self.run_dir / "checkpoint.pth").stat().st_mtime_ns
+        except FileNotFoundError:
+            return
+        if stamp == self._stamp:
+            return
+        try:
+            state = read_checkpoint(self.run_dir / "checkpoint.pth")
+            epoch = int(state["epoch"])
+        except (OSError, RuntimeError, KeyError, EOFError):
+            return  # replaced while reading: read it again at the next poll
+        self.snap_dir.mkdir(parents=True, exist_ok=True)
+        target = self.snap_dir / f"epoch{epoch:03d}.pth"
+        save_atomic({"model": state["model"], "epoch": epoch}, target)
+        self.seen[epoch], self._stamp = target, stamp
+
+
+def watch_runs(root: Path, arms: List[str], seeds: List[int], *, poll_s: float = 1.0) -> None:
+    """Snapshot every epoch of these arms' runs in a reproduction that is training, until all are in runs.json."""
+    watchers = {f"{arm} | seed {seed}": SnapshotWatcher(root / reproduce.slug(arm) / f"seed{seed}",
+                                                        root / "snapshots" / reproduce.slug(arm) / f"seed{seed}")
+                for arm in arms for seed in seeds}
+    while True:
+        done = json.loads((root / "runs.json").read_text()) if (root / "runs.json").exists() else {}
+        for watcher in watchers.values():
+            watcher.poll()
+        if all(key in done for key in watchers):
+            for watcher in watchers.values():
+                watcher.poll()
+            return
+        time.sleep(poll_s)
+
+
+def train_with_snapshots(argv: List[str], snap_dir: Path, *, poll_s: float = 0.2) -> Dict:
+    """Train one run through the app and keep its weights after every epoch (``SnapshotWatcher`` in a thread);
+    the epochs found are checked against the run's length, so a missed snapshot is reported, not skipped."""
     out = Path(argv[argv.index("--output_dir") + 1])
-    snap_dir.mkdir(parents=True, exist_ok=True)
+    watcher = SnapshotWatcher(out, snap_dir)
     stop = threading.Event()
-    seen: Dict[int, Path] = {}
 
     def watch() -> None:
-        last = None
-        while not stop.is_set() or last is None:
-            ckpt = out / "checkpoint.pth"
-            try:
-                stamp = ckpt.stat().st_mtime_ns
-            except FileNotFoundError:
-                stamp = None
-            if stamp is not None and stamp != last:
-                copy = snap_dir / "incoming.pth"
-                try:
-                    shutil.copyfile(ckpt, copy)
-                    epoch = int(read_checkpoint(copy)["epoch"])
-                    seen[epoch] = copy.rename(snap_dir / f"epoch{epoch:03d}.pth")
-                    last = stamp
-                except (OSError, RuntimeError, KeyError):
-                    pass  # replaced while copying: read it again at the next poll
-            if stop.is_set():
-                break
+        while not stop.is_set():
+            watcher.poll()
             time.sleep(poll_s)
+        watcher.poll()
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
@@ -242,8 +269,9 @@ def train_with_snapshots(argv: List[str], snap_dir: Path, *, poll_s: float = 0.2
         stop.set()
         thread.join()
     epochs = int(argv[argv.index("--epochs") + 1])
-    missing = sorted(set(range(epochs)) - set(seen))
-    return {"stats": stats, "snapshots": {e: str(path) for e, path in sorted(seen.items())}, "missing": missing}
+    missing = sorted(set(range(epochs)) - set(watcher.seen))
+    return {"stats": stats, "snapshots": {e: str(path) for e, path in sorted(watcher.seen.items())},
+            "missing": missing}
 
 
 # ------------------------------------------------------------------------------------------------ pictures
@@ -315,11 +343,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--picture-seed", type=int, default=None,
                         help="seed of the MaskedKD attention student whose masks are drawn (default: its worst seed)")
     parser.add_argument("--snapshots", nargs=2, metavar=("ARM", "SEED"), default=None,
-                        help="retrain this arm/seed with a checkpoint per epoch and measure each epoch's attention")
+                        help="measure each epoch's attention of this arm/seed: from the snapshots --watch kept, else "
+                             "by retraining it with a snapshot per epoch")
+    parser.add_argument("--watch", nargs="+", metavar="ARM", default=None,
+                        help="only keep per-epoch snapshots of these arms' runs (seeds 0 1 2) while a reproduction "
+                             "trains them, until they are recorded; no measurement")
     args = parser.parse_args(argv)
     p = dict(reproduce.PRESETS[args.preset])
     root = Path(args.root or reproduce.PRESET_FILES.get(args.preset, ("", "output/reproduce"))[1])
     figures = Path(args.figures)
+    if args.watch:
+        watch_runs(root, args.watch, [0, 1, 2])
+        return 0
     result_file = Path(args.json) if args.json else root / "mask_study.json"
     results = json.loads(result_file.read_text()) if result_file.exists() else {}
     torch.manual_seed(0)
@@ -384,6 +419,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                                       teacher_path=Path(json.loads((root / "teacher_run.json").read_text())["path"]),
                                       mask_vis=None)
         done = out / "snapshots.json"
+        watched = root / "snapshots" / reproduce.slug(snap_arm) / f"seed{snap_seed}"
+        if not done.exists() and any(watched.glob("epoch*.pth")):  # kept by --watch while the reproduction trained
+            found = {int(f.stem[5:]): str(f) for f in sorted(watched.glob("epoch*.pth"))}
+            out.mkdir(parents=True, exist_ok=True)
+            done.write_text(json.dumps({"final_acc1": runs[f"{snap_arm} | seed {snap_seed}"]["acc1"],
+                                        "missing": sorted(set(range(p["student_epochs"])) - set(found)),
+                                        "snapshots": found}, indent=1))
         if not done.exists():
             shutil.rmtree(out / "run", ignore_errors=True)
             trained = train_with_snapshots(run_argv, out / "epochs")

@@ -58,3 +58,20 @@ def test_painted_blanks_exactly_the_dropped_patches():
                 assert torch.equal(block, original)
             else:
                 assert torch.equal(block, blank.reshape(3, 1, 1).expand(3, 2, 2))
+
+
+def test_watch_runs_keeps_the_epoch_of_each_checkpoint_and_stops_when_recorded(tmp_path):
+    import json
+    from maskedkd_app.checkpoint import save_atomic
+    arm = "MaskedKD attention, keep 0.5"
+    run = tmp_path / reproduce.slug(arm) / "seed0"
+    run.mkdir(parents=True)
+    save_atomic({"model": {"w": torch.ones(2)}, "epoch": 4, "optimizer": {}}, run / "checkpoint.pth")
+    (tmp_path / "runs.json").write_text(json.dumps({f"{arm} | seed 0": {"acc1": 1.0}}))
+    watcher = mask_study.SnapshotWatcher(run, tmp_path / "snaps")
+    watcher.poll()
+    watcher.poll()  # unchanged checkpoint: nothing new
+    assert list(watcher.seen) == [4]
+    mask_study.watch_runs(tmp_path, [arm], [0], poll_s=0.01)   # returns: the run is recorded
+    kept = read_checkpoint(tmp_path / "snapshots" / reproduce.slug(arm) / "seed0" / "epoch004.pth")
+    assert kept["epoch"] == 4 and torch.equal(kept["model"]["w"], torch.ones(2)) and "optimizer" not in kept
