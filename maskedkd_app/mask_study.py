@@ -180,7 +180,11 @@ def measure(teacher, x, y, ink, border, scores: Optional[torch.Tensor], keeps=KE
         for keep_ratio in keeps:
             keep = choose(int(round(keep_ratio * p)))
             probs = teacher_predictions(teacher, x, keep)
-            row = {"acc1": 100.0 * float((probs.argmax(-1) == y).float().mean()), **describe_keep(keep, ink, border)}
+            preds = probs.argmax(-1)
+            row = {"acc1": 100.0 * float((preds == y).float().mean()), **describe_keep(keep, ink, border),
+                   # a collapsing target: how sure the teacher is, and how often it names its most frequent class
+                   "entropy": float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()),
+                   "top_class_share": float(torch.bincount(preds, minlength=probs.shape[1]).max()) / len(preds)}
             if blank is not None:
                 filled = teacher_predictions(teacher, painted(x, keep, grid, blank), None)
                 row["acc1_painted"] = 100.0 * float((filled.argmax(-1) == y).float().mean())
@@ -436,7 +440,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         for epoch, path in sorted(snaps["snapshots"].items(), key=lambda kv: int(kv[0])):
             scores = attention_scores(load_student(targs, Path(path)), x)
             got = measure(teacher, x, y, ink, border, scores, keeps=(0.5,))
-            per_epoch[epoch] = {"attention_acc1": got["attention"]["0.5"]["acc1"],
+            student_preds = teacher_predictions(load_student(targs, Path(path)), x, None).argmax(-1)
+            per_epoch[epoch] = {"student_acc1": 100.0 * float((student_preds == y).float().mean()),
+                                "student_top_class_share": float(torch.bincount(student_preds).max()) / len(y),
+                                "attention_acc1": got["attention"]["0.5"]["acc1"],
+                                "attention_entropy": got["attention"]["0.5"]["entropy"],
+                                "attention_top_class_share": got["attention"]["0.5"]["top_class_share"],
+                                "attention_border_share": got["attention"]["0.5"]["border_share"],
                                 "mixed_acc1": got["mixed"]["0.5"]["acc1"],
                                 "attention_ink_share": got["attention"]["0.5"]["ink_share"],
                                 "attention_blank_share": got["attention"]["0.5"]["blank_share"],
@@ -445,7 +455,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         results.setdefault("over_training", {})[f"{snap_arm} | seed {snap_seed}"] = {
             "final_acc1": snaps["final_acc1"], "recorded_acc1": recorded, "missing_epochs": snaps["missing"],
             "per_epoch": per_epoch}
-        series = {"teacher top-1, attention keep 0.5": {int(e): v["attention_acc1"] for e, v in per_epoch.items()},
+        series = {"student top-1": {int(e): v["student_acc1"] for e, v in per_epoch.items()},
+                  "teacher top-1, attention keep 0.5": {int(e): v["attention_acc1"] for e, v in per_epoch.items()},
+                  "kept patches on the border ring (%)": {int(e): 100 * v["attention_border_share"]
+                                                          for e, v in per_epoch.items()},
                   "teacher top-1, mixed keep 0.5": {int(e): v["mixed_acc1"] for e, v in per_epoch.items()},
                   "kept patches with ink (%)": {int(e): 100 * v["attention_ink_share"] for e, v in per_epoch.items()},
                   "attention mass on blank patches (%)": {int(e): 100 * v["attention_on_blank"]
