@@ -318,15 +318,16 @@ def over_training_plot(png: Path, series: Dict[str, Dict[int, float]], *, ylabel
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     for name, values in series.items():
         epochs = sorted(values)
         ax.plot(epochs, [values[e] for e in epochs], marker=".", label=name)
     ax.set_xlabel("student epoch")
     ax.set_ylabel(ylabel)
+    ax.set_ylim(-2, 102)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=90)
@@ -464,8 +465,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                   "attention mass on blank patches (%)": {int(e): 100 * v["attention_on_blank"]
                                                           for e, v in per_epoch.items()}}
         over_training_plot(figures / f"over_training_{reproduce.slug(snap_arm)}_seed{snap_seed}.png", series,
-                           ylabel="%", title=f"{snap_arm}, seed {snap_seed}: what the student's attention leaves the "
-                                             "teacher, epoch by epoch")
+                           ylabel="%", title=f"{snap_arm}, seed {snap_seed}: what the student's attention leaves "
+                                             "the teacher")
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(results, indent=1))
     print(json.dumps({k: v for k, v in results.items() if k not in ("students", "over_training")}, indent=1))
