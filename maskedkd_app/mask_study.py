@@ -391,7 +391,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         scores = attention_scores(student, x)
         got = measure(teacher, x, y, ink, border, scores, blank=blank)
         students[key] = {"arm": arm, "seed": int(seed), "student_acc1": record["acc1"],
-                         "attention": attention_profile(scores, ink, border),
+                         "attention_profile": attention_profile(scores, ink, border),
                          **{name: got[name] for name in ("attention", "mixed")}}
         print(f"[mask_study] {key}: student {record['acc1']:.1f}%, masked teacher (attention 0.5) "
               f"{got['attention']['0.5']['acc1']:.1f}%, ink share {got['attention']['0.5']['ink_share']:.2f}")
