@@ -11,6 +11,8 @@ the masked teacher's own accuracy and output entropy per criterion and keep rati
 accuracy per epoch (Fig. 3) and keep-frequency heat maps per epoch for every seed (Fig. 4/5). Finished runs are
 recorded in ``<output-dir>/runs.json`` and reported instead of retrained, so an interrupted call continues.
 Results go to REPRODUCTION.md (tables + the command), PNGs beside it, and JSON under the output directory.
+``--preset digits`` runs the same arms (plus the 'mixed' criterion) on real images, scikit-learn's handwritten digits,
+with a teacher it trains on first use; its report is REPRODUCTION_DIGITS.md (docs/real_images.md explains it).
 """
 from __future__ import annotations
 
