@@ -6,26 +6,31 @@ teacher only the patches the student attended to in the forward pass that produc
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import warnings
+from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deit_patch.capture import AttentionCapture, CaptureError, expected_prefix_tokens, unwrap_model
-from deit_patch.cost import SupervisionCost, TokenMeter, student_gflops, teacher_gflops
+from deit_patch.capture import unwrap_model
+from deit_patch.cost import SupervisionCost, TokenMeter
 from deit_patch.features import build_feature_kd, heads_gflops
-from deit_patch.masking import MASK_MODES, choose_patches, resolve_num_keep
-from deit_patch.teacher_input import InputRenorm, build_renorm, check_channels, check_resolution
-from deit_patch.teachers import (PrunedTeacher, find_family, pruned_forward, require_family,
-                                 teacher_grid, verify_family)
+from deit_patch.masked_teacher import DEFAULT_KEEP_RATIO, MaskedTeacher, TeacherStep, check_mask_mode
+from deit_patch.teacher_input import build_renorm, check_channels
+from deit_patch.teachers import find_family
 
 Outputs = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 DISTILLATION_TYPES = ("none", "soft", "hard")
 KD_REDUCTIONS = ("numel", "batchmean")
-DEFAULT_KEEP_RATIO = 0.5  # the paper's 98 of 196 patches
+# LossStep.terms key -> the name pop_stats reports its per-epoch mean under
+LOSS_TERMS = {"base": "loss_base", "kd": "loss_kd", "logit": "loss_logit", "mimic": "loss_vitkd_mimic",
+              "generation": "loss_vitkd_gen"}
+__all__ = ["DEFAULT_KEEP_RATIO", "DistillationLoss", "LossStep", "MaskedDistillationLoss", "hard_kd", "soft_kd"]
 
 
 def soft_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tau: float, reduction: str) -> torch.Tensor:
@@ -44,9 +49,55 @@ def hard_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
     return F.cross_entropy(student_logits, teacher_logits.argmax(dim=1))
 
 
+def split_outputs(outputs: Outputs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(class-head logits, distillation-head logits): a plain student's logits serve as both."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs, outputs
+    if not isinstance(outputs, (tuple, list)) or len(outputs) != 2:
+        raise TypeError("student outputs must be logits or a (cls_logits, dist_logits) pair, got "
+                        f"{type(outputs).__name__}{'' if not isinstance(outputs, (tuple, list)) else len(outputs)}")
+    cls_out, dist_out = outputs
+    if cls_out.shape != dist_out.shape:
+        raise ValueError(f"class-token logits {tuple(cls_out.shape)} and distillation-token logits "
+                         f"{tuple(dist_out.shape)} differ: a distilled student returns two heads of one shape")
+    return cls_out, dist_out
+
+
+def _check_finite(**values: object) -> None:
+    # NaN slips through every range test (all comparisons with it are False): refuse it where it enters.
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            raise ValueError(f"{name}={value!r} must be a finite number")
+
+
 def _num_classes(model: nn.Module) -> Optional[int]:
     value = getattr(unwrap_model(model), "num_classes", None)
     return int(value) if isinstance(value, int) else None
+
+
+def _check_class_counts(student: Optional[nn.Module], teacher: nn.Module) -> None:
+    if student is None:
+        return
+    s, t = _num_classes(student), _num_classes(teacher)
+    if s is not None and t is not None and s != t:
+        raise ValueError(f"teacher predicts {t} classes but the student {s}: create the teacher with "
+                         f"num_classes={s} and weights trained on the student's classes")
+
+
+class FeatureHeadsWarning(UserWarning):
+    """The feature-distillation heads are not being trained (not in the optimizer)."""
+
+
+@dataclass(frozen=True)
+class LossStep:
+    """What one loss call produced, for the training loop to read (nothing here syncs with the device)."""
+    teacher: Optional[TeacherStep]   # None: no distillation, the teacher did not run
+    terms: Dict[str, torch.Tensor]   # detached scalar loss terms on the device: 'base', 'kd', 'mimic', 'generation'
+
+    @property
+    def keep_idx(self) -> Optional[torch.Tensor]:
+        """(B, K) teacher patches kept this step, or None when the teacher saw every patch."""
+        return self.teacher.keep_idx if self.teacher is not None else None
 
 
 class DistillationLoss(nn.Module):
@@ -55,6 +106,7 @@ class DistillationLoss(nn.Module):
     Differences from DeiT, all additive: a student that returns a single Tensor is distilled on those logits;
     ``kd_reduction='batchmean'``; a clear error instead of a wrong value for bad input; and teacher input
     re-normalisation when teacher/student statistics are passed (``MaskedDistillationLoss`` does it by default).
+    The teacher runs through a ``MaskedTeacher``; here it never masks, so it is the unmodified teacher.
     """
 
     def __init__(self, base_criterion: nn.Module, teacher_model: Optional[nn.Module], distillation_type: str,
@@ -70,102 +122,145 @@ class DistillationLoss(nn.Module):
                              "'batchmean' the MaskedKD paper code's")
         if distillation_type != "none" and teacher_model is None:
             raise ValueError(f"distillation_type={distillation_type!r} needs a teacher_model (or use 'none')")
+        _check_finite(alpha=alpha)
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"alpha={alpha} must lie in [0, 1]: loss = (1 - alpha) * base + alpha * kd")
         if not math.isfinite(float(tau)) or float(tau) <= 0:  # NaN passes a `<= 0` test and poisons every step
             raise ValueError(f"tau={tau} must be a finite positive temperature (DeiT uses 1.0)")
         self.base_criterion = base_criterion
-        self.teacher_model = teacher_model
         self.distillation_type = distillation_type
         self.alpha, self.tau = float(alpha), float(tau)
         self.kd_reduction = kd_reduction
-        if distillation_type != "none":
-            self._check_class_counts(student, teacher_model)
-            check_channels(teacher=teacher_model, student=student)
-            teacher_model.eval()
-        explicit = any(v is not None for v in (teacher_mean, teacher_std, student_mean, student_std))
-        if renormalize is None:
-            renormalize = explicit
-        self.renorm: Optional[InputRenorm] = None
-        if renormalize and teacher_model is not None and distillation_type != "none":
-            self.renorm = build_renorm(student=student, teacher=teacher_model, student_mean=student_mean,
-                                       student_std=student_std, teacher_mean=teacher_mean, teacher_std=teacher_std)
-        self.meter = TokenMeter()
-
-    @staticmethod
-    def _check_class_counts(student: Optional[nn.Module], teacher: nn.Module) -> None:
-        if student is None:
+        self.masked_teacher: Optional[MaskedTeacher] = None
+        self.feature_kd: Optional[nn.Module] = None
+        self.last_step: Optional[LossStep] = None
+        self._term_sums: Optional[torch.Tensor] = None  # LOSS_TERMS and the step count, detached, on the device
+        self.__dict__["_idle_teacher"] = teacher_model  # distillation_type='none': kept for callers, never run
+        if distillation_type == "none":
             return
-        s, t = _num_classes(student), _num_classes(teacher)
-        if s is not None and t is not None and s != t:
-            raise ValueError(f"teacher predicts {t} classes but the student {s}: create the teacher with "
-                             f"num_classes={s} and weights trained on the student's classes")
+        _check_class_counts(student, teacher_model)
+        check_channels(teacher=teacher_model, student=student)
+        if renormalize is None:
+            renormalize = any(v is not None for v in (teacher_mean, teacher_std, student_mean, student_std))
+        renorm = None
+        if renormalize:
+            renorm = build_renorm(student=student, teacher=teacher_model, student_mean=student_mean,
+                                  student_std=student_std, teacher_mean=teacher_mean, teacher_std=teacher_std)
+        self.masked_teacher = MaskedTeacher(teacher_model, keep_ratio=1.0, mask_mode="none", renorm=renorm)
 
-    def train(self, mode: bool = True) -> "DistillationLoss":
-        # The teacher is a fixed target: criterion.train() must never put its dropout/BN into training mode.
-        super().train(mode)
-        if self.teacher_model is not None:
-            self.teacher_model.eval()
-        return self
-
-    # --- the pieces a subclass changes --------------------------------------------------------------------
-    def teacher_input(self, samples: torch.Tensor) -> torch.Tensor:
-        check_channels(teacher=self.teacher_model, samples=samples)  # a shape test: no device sync
-        return self.renorm(samples) if self.renorm is not None else samples
-
-    def teacher_logits(self, samples: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            out = self.teacher_model(self.teacher_input(samples))
-        self._count_full(samples)
-        return out
-
-    def _count_full(self, samples: torch.Tensor) -> None:
-        model = unwrap_model(self.teacher_model)
-        if hasattr(model, "patch_embed"):
-            patches = teacher_grid(model, tuple(samples.shape[-2:]))
-            num = patches[0] * patches[1]
-            family = find_family(model)  # timm < 0.6 distilled ViTs carry 2 prefix tokens and no num_prefix_tokens
-            prefix = family.num_prefix(model) if family is not None else expected_prefix_tokens(model)
-            self.meter.update(batch=samples.shape[0], prefix=prefix, kept=num, patches=num)
-        else:
-            self.meter.update(batch=samples.shape[0], prefix=0, kept=0, patches=0)
+    @property
+    def teacher_model(self) -> Optional[nn.Module]:
+        """The teacher as passed in (DeiT's attribute)."""
+        return self.masked_teacher.teacher if self.masked_teacher is not None else self.__dict__["_idle_teacher"]
 
     # --- the call DeiT makes ------------------------------------------------------------------------------
     def forward(self, inputs: torch.Tensor, outputs: Outputs, labels: torch.Tensor) -> torch.Tensor:
-        outputs, outputs_kd = self._split(outputs)
+        outputs, outputs_kd = split_outputs(outputs)
         base_loss = self.base_criterion(outputs, labels)
         if self.distillation_type == "none":
+            self._record(LossStep(teacher=None, terms={"base": base_loss.detach()}))
             return base_loss
         if inputs.shape[0] != outputs.shape[0]:
             raise ValueError(f"the loss got {inputs.shape[0]} samples but {outputs.shape[0]} student outputs: pass "
                              "the samples the student just processed")
-        teacher_out = self.teacher_logits(inputs)
-        if teacher_out.shape != outputs_kd.shape:
-            raise ValueError(f"teacher logits {tuple(teacher_out.shape)} and student logits "
+        # The teacher: prefix tokens + the patches kept for this batch (all of them when nothing is masked).
+        # With feature KD its block outputs are tapped during this same call, so features cost no extra pass.
+        with self.feature_kd.tap() if self.feature_kd is not None else contextlib.nullcontext():
+            teacher_logits, keep_idx = self.masked_teacher(inputs, labels=labels)
+        if teacher_logits.shape != outputs_kd.shape:
+            raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
                              f"{tuple(outputs_kd.shape)} differ: teacher and student must predict the same classes")
         if self.distillation_type == "soft":
-            kd = soft_kd(outputs_kd, teacher_out, tau=self.tau, reduction=self.kd_reduction)
+            kd = soft_kd(outputs_kd, teacher_logits, tau=self.tau, reduction=self.kd_reduction)
         else:
-            kd = hard_kd(outputs_kd, teacher_out)
-        return base_loss * (1 - self.alpha) + kd * self.alpha
+            kd = hard_kd(outputs_kd, teacher_logits)
+        loss = base_loss * (1 - self.alpha) + kd * self.alpha
+        terms = {"base": base_loss.detach(), "kd": kd.detach(), "logit": loss.detach()}
+        if self.feature_kd is not None:  # ViTKD: at the teacher's kept positions when it is masked
+            mimic, generation = self.feature_kd(inputs.shape[0], keep_idx=keep_idx)
+            self._check_heads_train()
+            terms.update(mimic=mimic.detach(), generation=generation.detach())
+            loss = loss + mimic + generation
+        self._record(LossStep(teacher=self.masked_teacher.last_step, terms=terms))
+        return loss
 
-    @staticmethod
-    def _split(outputs: Outputs) -> Tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(outputs, torch.Tensor):
-            return outputs, outputs
-        if not isinstance(outputs, (tuple, list)) or len(outputs) != 2:
-            raise TypeError("student outputs must be logits or a (cls_logits, dist_logits) pair, got "
-                            f"{type(outputs).__name__}{'' if not isinstance(outputs, (tuple, list)) else len(outputs)}")
-        cls_out, dist_out = outputs
-        if cls_out.shape != dist_out.shape:
-            raise ValueError(f"class-token logits {tuple(cls_out.shape)} and distillation-token logits "
-                             f"{tuple(dist_out.shape)} differ: a distilled student returns two heads of one shape")
-        return cls_out, dist_out
+    def _check_heads_train(self) -> None:
+        # ViTKD's heads are the loss's own parameters: an optimizer built from the student alone never updates
+        # them, and the feature terms then train nothing. On the third call (two optimizer steps after the first),
+        # heads that get gradients but have not moved are reported; one host sync, once.
+        self._head_calls = getattr(self, "_head_calls", 0) + 1
+        params = [p for p in self.feature_kd.heads.parameters() if p.requires_grad]
+        if self._head_calls == 1:
+            self._head_sums = torch.stack([p.detach().double().sum() for p in params])
+        elif self._head_calls == 3:
+            moved = not torch.equal(self._head_sums, torch.stack([p.detach().double().sum() for p in params]))
+            graded = any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params)
+            if graded and not moved:
+                warnings.warn("the ViTKD heads (criterion.feature_heads) get gradients but have not changed after two "
+                              "steps: they are not in your optimizer, so the feature terms train nothing. Add them: "
+                              "for group in criterion.feature_param_groups(weight_decay): "
+                              "optimizer.add_param_group(group)", FeatureHeadsWarning, stacklevel=3)
+
+    def _record(self, step: LossStep) -> None:
+        # Sums stay on the device; pop_stats reads them once per epoch.
+        zero = step.terms["base"].new_zeros((), dtype=torch.float64)
+        row = torch.stack([step.terms[k].double() if k in step.terms else zero for k in LOSS_TERMS] + [zero + 1])
+        self._term_sums = row if self._term_sums is None else self._term_sums + row
+        self.last_step = step
+
+    # --- what the training loop and the user read -------------------------------------------------------------
+    @property
+    def last_keep_idx(self) -> Optional[torch.Tensor]:
+        """(B, K) teacher patches kept by the last call, or None when the teacher saw every patch."""
+        return self.last_step.keep_idx if self.last_step is not None else None
+
+    @property
+    def meter(self) -> TokenMeter:
+        """Teacher tokens processed since the last reset (an empty meter without a teacher)."""
+        return self.masked_teacher.meter if self.masked_teacher is not None else TokenMeter()
+
+    def pop_stats(self, *, all_reduce: bool = False) -> Dict[str, float]:
+        """Per-epoch figures since the last call, then reset (one host sync): the mean of each loss term
+        (``loss_base``, ``loss_kd``, ``loss_logit`` = (1 - alpha) base + alpha kd, ViTKD's ``loss_vitkd_mimic`` and
+        ``loss_vitkd_gen``) and the teacher's (``MaskedTeacher.pop_stats``: patch share, prefix tokens, top-1,
+        entropy, probe, guard). ``all_reduce``: over torch.distributed ranks (every rank must call it).
+        """
+        sums, self._term_sums = self._term_sums, None
+        out: Dict[str, float] = {}
+        if sums is not None:
+            if all_reduce:
+                torch.distributed.all_reduce(sums)
+            *totals, steps = sums.tolist()
+            present = set(self.last_step.terms) if self.last_step is not None else set()
+            out.update({LOSS_TERMS[k]: total / max(steps, 1.0) for k, total in zip(LOSS_TERMS, totals)
+                        if k in present})
+        if self.masked_teacher is not None:
+            out.update(self.masked_teacher.pop_stats(all_reduce=all_reduce))
+        return out
 
     def stats(self) -> Dict[str, float]:
         """Teacher tokens processed since the last reset (for logs)."""
-        return {"teacher_images": self.meter.images, "teacher_tokens": self.meter.tokens,
-                "teacher_tokens_kept_frac": self.meter.kept_fraction}
+        meter = self.meter
+        return {"teacher_images": meter.images, "teacher_tokens": meter.tokens,
+                "teacher_tokens_kept_frac": meter.kept_fraction}
+
+    def _describe_kd(self) -> str:
+        line = f"{self.distillation_type} KD, alpha={self.alpha:g}"
+        if self.distillation_type == "soft":
+            classes = _num_classes(self.teacher_model)
+            scale = f"1/{classes}" if classes else "1/classes"
+            line += (f", tau={self.tau:g}, kd_reduction={self.kd_reduction!r}: " +
+                     (f"the KL sum / (batch x classes), DeiT's; {scale} of 'batchmean' (the MaskedKD paper code's)"
+                      if self.kd_reduction == "numel" else "the KL sum / batch, the MaskedKD paper code's"))
+        return line
+
+    def describe(self) -> str:
+        if self.masked_teacher is None:
+            return "no distillation: the teacher never runs"
+        lines = [self._describe_kd(), self.masked_teacher.describe()]
+        if self.masked_teacher.renorm is not None:
+            lines.append(self.masked_teacher.renorm.describe())
+        return "\n".join(lines)
 
 
 class MaskedDistillationLoss(DistillationLoss):
@@ -185,6 +280,16 @@ class MaskedDistillationLoss(DistillationLoss):
     step) and ``compile_teacher=True`` compiles the pruned forward. The keep count is fixed, so shapes are static;
     a smaller last batch is padded to the compiled batch size instead of triggering a recompile.
     ``teacher_dtype`` converts the teacher module you pass in place: pass a copy if you also use it in fp32.
+
+    Is masking helping? ``pop_stats()`` gives per epoch the masked teacher's top-1 on the training labels and its
+    entropy (free), and a fidelity probe's comparison with the full teacher and a random mask of the same size
+    (every ``probe_every`` steps on ``probe_images`` images; default: within 1% of the teacher's tokens). When the
+    chosen mask is markedly worse than random, ``mask_guard='warn'`` warns (``MaskGuardWarning``) and 'fallback'
+    also switches the run to ``guard_fallback`` ('random' patches, or 'full'); ``guard_state()`` is what to
+    checkpoint and ``load_guard_state`` restores it (a switch included).
+
+    The loss itself is ``DistillationLoss.forward``; this class only builds a masking ``MaskedTeacher`` and, with
+    ``feature_kd='vitkd'``, the ViTKD feature terms.
     """
 
     def __init__(self, base_criterion: nn.Module, teacher_model: Optional[nn.Module], distillation_type: str,
@@ -195,10 +300,13 @@ class MaskedDistillationLoss(DistillationLoss):
                  teacher_dtype: Optional[torch.dtype] = None, compile_teacher: bool = False,
                  feature_kd: Optional[str] = None, vitkd_alpha: float = 3e-5, vitkd_beta: float = 3e-6,
                  vitkd_mask_ratio: float = 0.5, vitkd_layers: Sequence[int] = (0, 1),
-                 vitkd_generator: Optional[torch.Generator] = None):
+                 vitkd_generator: Optional[torch.Generator] = None, probe_every: Optional[int] = None,
+                 probe_images: int = 8, mask_guard: str = "warn", guard_fallback: str = "random"):
         super().__init__(base_criterion, teacher_model, distillation_type, alpha, tau, kd_reduction=kd_reduction,
                          student=student, teacher_mean=teacher_mean, teacher_std=teacher_std,
                          student_mean=student_mean, student_std=student_std, renormalize=True)
+        if feature_kd is not None:
+            _check_finite(vitkd_alpha=vitkd_alpha, vitkd_beta=vitkd_beta, vitkd_mask_ratio=vitkd_mask_ratio)
         # ViTKD feature distillation (deit_patch/features.py): its trainable heads are children of this loss.
         family = find_family(teacher_model) if teacher_model is not None else None
         self.feature_kd = build_feature_kd(
@@ -206,112 +314,36 @@ class MaskedDistillationLoss(DistillationLoss):
             compile_teacher=compile_teacher, alpha=vitkd_alpha, beta=vitkd_beta, mask_ratio=vitkd_mask_ratio,
             layers=tuple(vitkd_layers), generator=vitkd_generator,
             teacher_prefix=family.num_prefix(unwrap_model(teacher_model)) if family is not None else None)
-        self._term_sums: Optional[torch.Tensor] = None  # (logit part, mimic, generation), detached, on device
-        self._term_steps = 0
-        if mask_mode != "none" and mask_mode not in MASK_MODES:
-            raise ValueError(f"mask_mode={mask_mode!r} is not one of {['none'] + sorted(MASK_MODES)}")
+        check_mask_mode(mask_mode)
         self.mask_mode = mask_mode
-        self.last_keep_idx: Optional[torch.Tensor] = None
-        self.capture: Optional[AttentionCapture] = None
-        self.family = None
-        self.num_patches = self.num_keep = None
-        self._compiled = None
-        self._compiled_batch = 0
-        self.teacher_dtype = teacher_dtype
-        self.compile_teacher = bool(compile_teacher)
         if distillation_type == "none":
             return  # the teacher never runs and nothing is hooked
-        if teacher_dtype is not None:
-            teacher_model.to(dtype=teacher_dtype)
-        maskable = find_family(teacher_model) is not None
-        if keep_ratio is None and num_keep is None:
-            keep_ratio = DEFAULT_KEEP_RATIO if maskable else 1.0  # a CNN teacher: DeiT's unmasked loss
-        if isinstance(num_keep, bool) or (num_keep is not None and not isinstance(num_keep, numbers.Integral)):
-            raise TypeError(f"num_keep={num_keep!r} must be an int count of teacher patches (e.g. num_keep=98), "
-                            f"not {type(num_keep).__name__}")
-        masking_asked = mask_mode != "none" and not (keep_ratio == 1.0 and num_keep is None)
-        if masking_asked:
-            self.family = require_family(teacher_model)
-        elif num_keep is not None and not hasattr(unwrap_model(teacher_model), "patch_embed"):
-            raise ValueError("num_keep needs a teacher with patch tokens")
-        self.keep_ratio, self.keep_count = keep_ratio, num_keep  # as asked; resolved per batch resolution
-        self._keep_cache: Dict[Tuple[int, int], Tuple[Tuple[int, int], int]] = {}
-        if hasattr(unwrap_model(teacher_model), "patch_embed"):
-            # Resolved at the resolution the teacher was built for: validates the request now, and is what the
-            # cost table and describe() report.
-            grid = teacher_grid(teacher_model)
-            self.num_patches = grid[0] * grid[1]
-            if num_keep is not None and getattr(unwrap_model(teacher_model), "dynamic_img_size", False):
-                # A dynamic-size teacher may meet larger batches than it was built for: an absolute count is
-                # checked against each batch's real patch count (keep_for), here only for being a count at all.
-                self.num_keep = resolve_num_keep(num_patches=max(self.num_patches, int(num_keep)), keep_ratio=None,
-                                                 num_keep=num_keep)
-            else:
-                self.num_keep = resolve_num_keep(num_patches=self.num_patches, keep_ratio=keep_ratio,
-                                                 num_keep=num_keep)
-        else:
-            resolve_num_keep(num_patches=1, keep_ratio=keep_ratio, num_keep=None)  # range check only
-        if mask_mode == "none" or self.num_keep is None or self.num_keep == self.num_patches:
-            self.family = None  # unmasked: the teacher runs exactly as in DeiT
-            return
-        verify_family(teacher_model, self.family)  # before any hook: one probe pass, refuses a mis-described teacher
-        source = MASK_MODES[mask_mode][1]
-        if source == "student":
-            if student is None:
-                raise ValueError("mask_mode='attention' reads the student's attention: pass student=model "
-                                 "(the model whose outputs reach the loss; DDP/compiled wrappers are fine)")
-            self.capture = AttentionCapture(student)
-        elif source == "teacher":
-            self.capture = AttentionCapture(teacher_model, always=True)
-        self.prefix = self.family.num_prefix(unwrap_model(teacher_model))
+        self.masked_teacher = MaskedTeacher(teacher_model, student=student, keep_ratio=keep_ratio, num_keep=num_keep,
+                                            mask_mode=mask_mode, renorm=self.masked_teacher.renorm,
+                                            teacher_dtype=teacher_dtype, compile_teacher=compile_teacher,
+                                            probe_every=probe_every, probe_images=probe_images,
+                                            mask_guard=mask_guard, guard_fallback=guard_fallback)
 
-    def set_keep(self, *, keep_ratio: Optional[float] = None, num_keep: Optional[int] = None) -> None:
-        """Change how many teacher patches the following steps keep (one of the two; for keep-ratio schedules).
-
-        Only on a loss built with masking (the hook and pruning are set up at construction): build it with the
-        schedule's target and raise the count from there; ``keep_ratio=1.0`` then runs the full teacher.
-        """
-        if not self.masking:
-            raise ValueError("set_keep() needs a loss built with masking (keep_ratio < 1 or num_keep < all patches "
-                             "and a mask_mode other than 'none'): build it with the schedule's target keep ratio")
-        if (keep_ratio is None) == (num_keep is None):
-            raise ValueError("set_keep() takes exactly one of keep_ratio= or num_keep=")
-        self.num_keep = resolve_num_keep(num_patches=self.num_patches, keep_ratio=keep_ratio, num_keep=num_keep)
-        self.keep_ratio, self.keep_count = keep_ratio, num_keep
-        self._keep_cache.clear()
-        self._compiled = None  # a new keep count is a new static shape
-
-    def keep_for(self, image_hw: Tuple[int, int]) -> Tuple[Tuple[int, int], int]:
-        """(teacher patch grid, patches kept) for a batch of ``image_hw`` images, at the requested keep."""
-        image_hw = (int(image_hw[0]), int(image_hw[1]))
-        cached = self._keep_cache.get(image_hw)
-        if cached is None:
-            grid = teacher_grid(self.teacher_model, image_hw)
-            patches = grid[0] * grid[1]
-            try:
-                kept = resolve_num_keep(num_patches=patches, keep_ratio=self.keep_ratio, num_keep=self.keep_count)
-            except ValueError as err:
-                raise ValueError(f"at {image_hw[0]}x{image_hw[1]} px the teacher has {patches} patches "
-                                 f"({grid[0]}x{grid[1]}): {err}") from None
-            cached = self._keep_cache[image_hw] = (grid, kept)
-        return cached
-
+    # --- the masked teacher's settings, as the loss's (keep-ratio schedules, logs) -----------------------------
     @property
     def masking(self) -> bool:
-        return self.family is not None
+        return self.masked_teacher is not None and self.masked_teacher.masking
+
+    @property
+    def num_keep(self) -> Optional[int]:
+        return self.masked_teacher.num_keep if self.masked_teacher is not None else None
+
+    @property
+    def num_patches(self) -> Optional[int]:
+        return self.masked_teacher.num_patches if self.masked_teacher is not None else None
+
+    def set_keep(self, *, keep_ratio: Optional[float] = None, num_keep: Optional[int] = None) -> None:
+        """Change how many teacher patches the following steps keep (see ``MaskedTeacher.set_keep``)."""
+        if self.masked_teacher is None:
+            raise ValueError("set_keep() needs a loss that distils (distillation_type 'soft' or 'hard') with masking")
+        self.masked_teacher.set_keep(keep_ratio=keep_ratio, num_keep=num_keep)
 
     # --- feature distillation (feature_kd='vitkd') -----------------------------------------------------------
-    def forward(self, inputs: torch.Tensor, outputs: Outputs, labels: torch.Tensor) -> torch.Tensor:
-        if self.feature_kd is None:
-            return super().forward(inputs, outputs, labels)
-        with self.feature_kd.tap():  # the teacher's features come from the call that gives its logits
-            logit_loss = super().forward(inputs, outputs, labels)
-        mimic, generation = self.feature_kd(inputs.shape[0], keep_idx=self.last_keep_idx)
-        terms = torch.stack([logit_loss.detach().float(), mimic.detach().float(), generation.detach().float()])
-        self._term_sums = terms if self._term_sums is None else self._term_sums + terms
-        self._term_steps += 1
-        return logit_loss + mimic + generation
-
     @property
     def feature_heads(self) -> Optional[nn.Module]:
         """The trainable feature-distillation heads (None without feature_kd): optimise, checkpoint, not EMA."""
@@ -321,124 +353,32 @@ class MaskedDistillationLoss(DistillationLoss):
         """Optimizer param groups for the heads (decay on weights; none on biases and the mask token)."""
         return self.feature_heads.param_groups(weight_decay) if self.feature_kd is not None else []
 
-    def pop_loss_terms(self, *, all_reduce: bool = False) -> Dict[str, float]:
-        """Mean per step of each loss term since the last call, then reset (one host sync; {} without features).
+    def guard_state(self) -> dict:
+        """The mask guard's decisions, for a checkpoint (``MaskedTeacher.guard_state``)."""
+        return self.masked_teacher.guard_state() if self.masked_teacher is not None else {}
 
-        ``all_reduce``: average over torch.distributed ranks (every rank must call it).
-        """
-        if self.feature_kd is None:
-            return {}
-        device = next(self.feature_kd.heads.parameters()).device
-        sums = self._term_sums if self._term_sums is not None else torch.zeros(3, device=device)
-        packed = torch.cat([sums.double(), sums.new_tensor([self._term_steps], dtype=torch.float64)])
-        if all_reduce:
-            torch.distributed.all_reduce(packed)
-        self._term_sums, self._term_steps = None, 0
-        logit, mimic, generation, steps = packed.tolist()
-        steps = max(steps, 1.0)
-        return {"loss_logit": logit / steps, "loss_vitkd_mimic": mimic / steps, "loss_vitkd_gen": generation / steps}
+    def load_guard_state(self, state: Optional[dict]) -> None:
+        """Restore a checkpoint's guard decisions; a recorded fallback switch is applied again."""
+        if self.masked_teacher is not None:
+            self.masked_teacher.load_guard_state(state)
 
     def remove_hooks(self) -> None:
         """Detach the attention hook (and the feature hooks); the student is left exactly as before."""
-        if self.capture is not None:
-            self.capture.remove()
-            self.capture = None
+        if self.masked_teacher is not None:
+            self.masked_teacher.remove_hooks()
         if self.feature_kd is not None:
             self.feature_kd.remove()
 
-    def teacher_input(self, samples: torch.Tensor) -> torch.Tensor:
-        x = super().teacher_input(samples)
-        return x.to(self.teacher_dtype) if self.teacher_dtype is not None else x
-
-    def teacher_logits(self, samples: torch.Tensor) -> torch.Tensor:
-        if self.teacher_dtype is None:
-            return self._teacher_logits(samples)
-        # The weights already hold teacher_dtype: the caller's autocast (fp16 in DeiT) would recast them op by op
-        # and, fp16 around a bf16 teacher, fail in torch.cat (class token bf16, patch embedding fp16).
-        with torch.autocast(device_type=samples.device.type, enabled=False):
-            return self._teacher_logits(samples)
-
-    def _teacher_logits(self, samples: torch.Tensor) -> torch.Tensor:
-        if not self.masking:
-            self.last_keep_idx = None
-            out = super().teacher_logits(samples)
-            return out.float() if self.teacher_dtype is not None else out
-        if self.capture is None and MASK_MODES[self.mask_mode][1] is not None:
-            raise CaptureError(f"this loss's attention hook was removed by remove_hooks(), so mask_mode="
-                               f"{self.mask_mode!r} has no scores: build a new MaskedDistillationLoss to train on")
-        image_hw = (int(samples.shape[-2]), int(samples.shape[-1]))
-        check_resolution(self.teacher_model, image_hw)
-        grid, kept = self.keep_for(image_hw)
-        batch, patches = samples.shape[0], grid[0] * grid[1]
-        if kept == patches:  # a schedule at keep 1.0: the unmodified teacher, exactly as DeiT runs it
-            if self.capture is not None and not self.capture.always:
-                self.capture.take(batch, image_hw=image_hw)  # consumed, so it can never be reused for another batch
-            self.last_keep_idx = None
-            out = DistillationLoss.teacher_logits(self, samples)
-            return out.float() if self.teacher_dtype is not None else out
-        with torch.no_grad():
-            x = self.teacher_input(samples)
-            keep_idx = self._keep_indices(x, batch, image_hw=image_hw, grid=grid, kept=kept)
-            logits = self._run_pruned(x, keep_idx)
-        self.last_keep_idx = keep_idx
-        self.meter.update(batch=batch, prefix=self.prefix, kept=kept, patches=patches)
-        return logits.float() if self.teacher_dtype is not None else logits
-
-    def _keep_indices(self, x: torch.Tensor, batch: int, *, image_hw: Tuple[int, int], grid: Tuple[int, int],
-                      kept: int) -> torch.Tensor:
-        if self.capture is not None and self.capture.always:
-            self.teacher_model(x)  # 'teacher' mode, analysis only: one extra full teacher pass to read its attention
-        return choose_patches(self.mask_mode, capture=self.capture, batch_size=batch, image_hw=image_hw, grid=grid,
-                              num_keep=kept, device=x.device)
-
-    def _run_pruned(self, x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
-        if self.capture is not None and self.capture.always:
-            self.capture.enabled = False  # the pruned pass must not overwrite the teacher's full-pass scores
-        try:
-            if not self.compile_teacher:
-                return pruned_forward(self.teacher_model, x, keep_idx, self.family)
-            return self._compiled_forward(x, keep_idx)
-        finally:
-            if self.capture is not None:
-                self.capture.enabled = True
-
-    def _compiled_forward(self, x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
-        if self._compiled is None or batch > self._compiled_batch:
-            self._compiled = torch.compile(PrunedTeacher(self.teacher_model), dynamic=False)
-            self._compiled_batch = batch
-        pad = self._compiled_batch - batch
-        if pad:  # repeat the last sample so the compiled graph keeps its static batch size
-            x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
-            keep_idx = torch.cat([keep_idx, keep_idx[-1:].expand(pad, -1)])
-        return self._compiled(x, keep_idx)[:batch]
-
+    # --- cost and description -------------------------------------------------------------------------------
     def supervision_cost(self, *, img_size: Tuple[int, int], student: Optional[nn.Module] = None) -> SupervisionCost:
         """fvcore GFLOPs/img: teacher full and at this loss's keep count, plus the student's forward."""
-        teacher = unwrap_model(self.teacher_model)
-        full = teacher_gflops(teacher, img_size=img_size, num_keep=None)
-        masked = teacher_gflops(teacher, img_size=img_size, num_keep=self.num_keep) if self.masking else full
-        extra = full if self.masking and MASK_MODES[self.mask_mode][1] == "teacher" else 0.0
-        s = student_gflops(student, img_size=img_size) if student is not None else 0.0
-        patches = self.num_patches or 0
         heads = 0.0
         if self.feature_kd is not None:  # trainable heads: the aligners see kept tokens only, the generator all
             heads = heads_gflops(self.feature_kd, num_kept=self.num_keep if self.masking else None)
-        return SupervisionCost(teacher_full=full, teacher_masked=masked, student_forward=s,
-                               num_keep=self.num_keep or patches, num_patches=patches, extra_teacher=extra,
-                               feature_heads=heads)
+        return self.masked_teacher.supervision_cost(img_size=img_size, student=student, feature_heads=heads)
 
     def describe(self) -> str:
-        if self.distillation_type == "none":
-            return "no distillation: the teacher never runs"
-        lines = []
-        if self.masking:
-            lines.append(f"teacher sees {self.num_keep}/{self.num_patches} patches + {self.prefix} prefix tokens, "
-                         f"chosen by mask_mode={self.mask_mode!r} ({self.family.name} teacher)")
-        else:
-            lines.append("teacher sees every patch (unmasked)")
-        if self.renorm is not None:
-            lines.append(self.renorm.describe())
+        lines = [super().describe()]
         if self.feature_kd is not None:
             f = self.feature_kd
             lines.append(f"ViTKD features: blocks {list(f.layers)} mimicked (alpha={f.alpha:g}) and the final norm "

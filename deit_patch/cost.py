@@ -164,18 +164,32 @@ class TokenMeter:
     images: int = 0
     tokens: int = 0
     tokens_full: int = 0
+    patches_kept: int = 0    # patch tokens only (prefix tokens not counted)
+    patches_total: int = 0
+    prefix_tokens: int = 0
+    probe_tokens: int = 0    # extra tokens the fidelity probe ran (quality.FidelityProbe), not in ``tokens``
     last: Dict[str, int] = field(default_factory=dict)
 
     def update(self, *, batch: int, prefix: int, kept: int, patches: int) -> None:
         self.images += batch
         self.tokens += batch * (prefix + kept)
         self.tokens_full += batch * (prefix + patches)
+        self.patches_kept += batch * kept
+        self.patches_total += batch * patches
+        self.prefix_tokens += batch * prefix
         self.last = {"images": batch, "tokens": batch * (prefix + kept), "kept_patches": kept}
 
     @property
     def kept_fraction(self) -> float:
+        """Teacher tokens processed over the full teacher's, prefix tokens included in both."""
         return self.tokens / self.tokens_full if self.tokens_full else 1.0
+
+    @property
+    def patch_share(self) -> float:
+        """Share of the teacher's patches it processed (0.5 at keep 0.5, whatever the prefix)."""
+        return self.patches_kept / self.patches_total if self.patches_total else 1.0
 
     def reset(self) -> None:
         self.images = self.tokens = self.tokens_full = 0
+        self.patches_kept = self.patches_total = self.prefix_tokens = self.probe_tokens = 0
         self.last = {}

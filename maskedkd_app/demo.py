@@ -14,41 +14,35 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from . import distributed as dist_utils
-from . import procs, shipped_teacher
+from . import procs, recipes, shipped_teacher
+from .args import parse_args
+from .train import main
 
 MAIN = Path(__file__).resolve().parent.parent / "main_maskedkd.py"
 
-# Every arm: 32 px procedural images (the shipped teacher's data and statistics), no mixup/erasing/smoothing
-# (small objects, short runs), a cosine schedule without warm-up (a warm-up epoch is a large share of a short run).
-COMMON = ["--data-set", "PROCEDURAL", "--input-size", "32", "--batch-size", "64", "--num_workers", "0",
-          "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--smoothing", "0", "--drop-path", "0",
-          "--no-model-ema", "--no-repeated-aug", "--unscale-lr", "--warmup-epochs", "0", "--cooldown-epochs", "0",
-          "--min-lr", "1e-5", "--weight-decay", "0.05", "--lr", "1e-3", "--print-freq", "50"]
-STUDENT = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "patch_size=4", "embed_dim=64", "depth=3",
-           "num_heads=2"]
-KD = ["--distillation-type", "soft", "--distillation-alpha", "0.5", "--distillation-tau", "1.0",
-      "--kd-reduction", "batchmean"]
-# name -> extra flags; the order is the order they run and print in.
-ARMS: Dict[str, List[str]] = {
-    "MaskedKD, keep 0.5": KD + ["--mask-mode", "attention", "--keep-ratio", "0.5"],
-    "no teacher": [],
-    "full teacher": KD + ["--keep-ratio", "1.0"],
+# Demo arm (its name in the table) -> the recipe arm it runs (recipes.ARMS, the reproduction's arms of the same
+# name); the order is the order they run and print in.
+ARMS: Dict[str, str] = {
+    "MaskedKD, keep 0.5": "MaskedKD attention, keep 0.5",
+    "no teacher": "no KD",
+    "full teacher": "full-teacher KD",
 }
 DEFAULTS = {"train_size": 5000, "val_size": 1000, "epochs": 10, "arms": list(ARMS)}
 
 
-def demo_argv(arm: str, *, out: Path, device: str, seed: int, cfg: Dict, teacher: Dict) -> List[str]:
+def demo_setup(cfg: Dict) -> Dict:
+    """The recipe setup of a demo: the reproduction's 2-core CPU setup with clean labels and the demo's sizes."""
+    return {**recipes.CPU_SETUP, "train": cfg["train_size"], "val": cfg["val_size"], "student_epochs": cfg["epochs"]}
+
+
+def demo_argv(arm: str, *, out: Path, device: str, seed: int, cfg: Dict,
+              teacher_path: Path = shipped_teacher.WEIGHTS) -> List[str]:
     """The command line one demo arm runs (printed, so users can rerun or adapt it)."""
-    argv = COMMON + STUDENT + [
-        "--procedural-train-size", str(cfg["train_size"]), "--procedural-val-size", str(cfg["val_size"]),
-        "--epochs", str(cfg["epochs"]), "--device", device, "--seed", str(seed),
-        "--output_dir", str(out / arm_dir(arm))] + ARMS[arm]
-    if ARMS[arm]:
-        argv += shipped_teacher.teacher_flags(teacher)
-    return argv
+    return recipes.arm_argv(ARMS[arm], p=demo_setup(cfg), seed=seed, device=device, out=out / arm_dir(arm),
+                            teacher_path=teacher_path)
 
 
 def arm_dir(arm: str) -> str:
@@ -63,15 +57,13 @@ def demo_threads() -> int:
 
 
 def expected_cost(arm: str) -> float:
-    """An arm's step time relative to the no-teacher arm, from its flags: 1 + the teacher's kept share of patches.
+    """An arm's step time relative to the no-teacher arm, from its recipe: 1 + the teacher's kept share of patches.
 
     Only the scheduling order uses it (longest first); measured on 2 CPU cores the arms took 120 s (no teacher),
     150 s (keep 0.5) and 195 s (full teacher), the same order.
     """
-    flags = ARMS[arm]
-    if "--distillation-type" not in flags:
-        return 1.0
-    return 1.0 + (float(flags[flags.index("--keep-ratio") + 1]) if "--keep-ratio" in flags else 1.0)
+    recipe = recipes.ARMS[ARMS[arm]]
+    return 1.0 if recipe.kind == "none" else 1.0 + recipe.keep
 
 
 def teacher_accuracy(info: Dict, num_images: int) -> float:
@@ -79,17 +71,22 @@ def teacher_accuracy(info: Dict, num_images: int) -> float:
     return shipped_teacher.accuracy(shipped_teacher.build(info), info, num_images)
 
 
+def _distils(arm: str) -> bool:
+    return recipes.ARMS[ARMS[arm]].kind != "none"
+
+
 def _arm_record(arm: str, out: Path, seconds: float) -> Dict:
     """An arm's numbers, read from its run's per-epoch log (the last line is the final epoch)."""
     lines = [json.loads(line) for line in (out / arm_dir(arm) / "log.txt").read_text().splitlines() if line.strip()]
     last = lines[-1]
     return {"student_acc1": last["test_acc1"], "student_max_acc1": max(line["test_acc1"] for line in lines),
-            "teacher_gflops": last.get("teacher_gflops_per_img", 0.0) if ARMS[arm] else 0.0,
+            "teacher_gflops": last.get("teacher_gflops_per_img", 0.0) if _distils(arm) else 0.0,
             "teacher_gflops_full": last.get("teacher_gflops_full"),
-            "teacher_tokens_kept": last.get("train_teacher_tokens_kept"), "seconds": seconds}
+            "teacher_patch_share": last.get("train_teacher_patch_share"), "seconds": seconds}
 
 
-def run_demo(args, main_fn: Callable, parse_fn: Callable[[List[str]], object], cfg: Optional[Dict] = None) -> Dict:
+def run_demo(args, cfg: Optional[Dict] = None) -> Dict:
+    """Train every demo arm (``cfg`` overrides ``DEFAULTS``), print their table and return its numbers."""
     import torch
     cfg = {**DEFAULTS, **(cfg or {})}
     out = Path(args.output_dir or "output/demo")
@@ -103,8 +100,7 @@ def run_demo(args, main_fn: Callable, parse_fn: Callable[[List[str]], object], c
     info = shipped_teacher.verify()
     print(f"[demo] shipped teacher {shipped_teacher.WEIGHTS.name}: sha256 ok "
           f"(retrain: python -m maskedkd_app.shipped_teacher --retrain)")
-    commands = {arm: demo_argv(arm, out=out, device=device, seed=args.seed, cfg=cfg, teacher=info)
-                for arm in cfg["arms"]}
+    commands = {arm: demo_argv(arm, out=out, device=device, seed=args.seed, cfg=cfg) for arm in cfg["arms"]}
     for arm, argv in commands.items():
         print(f"[demo] {arm}:\n  python main_maskedkd.py " + " ".join(argv))
     if parallel:
@@ -117,7 +113,7 @@ def run_demo(args, main_fn: Callable, parse_fn: Callable[[List[str]], object], c
         seconds = {}
         for arm, argv in commands.items():
             arm_start = time.time()
-            main_fn(parse_fn(argv))
+            main(parse_args(argv))
             seconds[arm] = time.time() - arm_start
     torch.set_num_threads(max(1, workers))
     summary: Dict = {"teacher_acc1": teacher_accuracy(info, cfg["val_size"]), "workers": workers,

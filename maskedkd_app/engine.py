@@ -14,6 +14,9 @@ import torch
 import torch.nn as nn
 from timm.utils import accuracy, dispatch_clip_grad
 
+from deit_patch.quality import quality_summary
+from losses import DistillationLoss
+
 from .distributed import MetricLogger, SmoothedValue, get_world_size, is_dist_avail_and_initialized
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
@@ -54,8 +57,9 @@ def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, mod
     optimizer.step()
 
 
-def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
-                    device: torch.device, epoch: int, *, loss_scaler=None, amp_dtype: Optional[str] = None,
+def train_one_epoch(model: nn.Module, criterion: DistillationLoss, data_loader: Iterable,
+                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, *, loss_scaler=None,
+                    amp_dtype: Optional[str] = None,
                     max_norm: Optional[float] = None, model_ema=None, mixup_fn=None, set_training_mode: bool = True,
                     bce_loss: bool = False, print_freq: int = 10, mask_recorder=None,
                     max_steps: Optional[int] = None) -> Dict[str, float]:
@@ -87,8 +91,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         _optimizer_step(loss, optimizer, model=model, loss_scaler=loss_scaler, max_norm=max_norm)
         if model_ema is not None:
             model_ema.update(model)
-        if mask_recorder is not None and getattr(criterion, "last_keep_idx", None) is not None:
-            mask_recorder.observe(criterion.last_keep_idx, samples)
+        keep_idx = criterion.last_step.keep_idx  # the step's record: which teacher patches it kept
+        if mask_recorder is not None and keep_idx is not None:
+            mask_recorder.observe(keep_idx, samples)
         images += samples.shape[0]
         steps += 1
         last = step == len(data_loader) - 1 or (max_steps is not None and steps >= max_steps)
@@ -97,10 +102,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
             if bad != torch.iinfo(torch.int64).max:
                 raise NonFiniteLossError(epoch=epoch, step=bad)
             total = float(loss_sum.item())
-            meter = getattr(criterion, "meter", None)
+            meter = criterion.meter
             logger.update(loss=(total - interval_sum) / max(steps - interval_steps, 1),
-                          lr=optimizer.param_groups[0]["lr"],
-                          kept=meter.kept_fraction if meter and meter.images else None)
+                          lr=optimizer.param_groups[0]["lr"], kept=meter.patch_share if meter.images else None)
             interval_sum, interval_steps = total, steps
         if max_steps is not None and steps >= max_steps:
             break
@@ -110,15 +114,12 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         torch.distributed.all_reduce(loss_avg)
     stats = {"loss": float(loss_avg[0] / loss_avg[1].clamp_min(1)), "lr": optimizer.param_groups[0]["lr"],
              "epoch_seconds": seconds, "images_per_s": images * get_world_size() / max(seconds, 1e-9)}
-    meter = getattr(criterion, "meter", None)
-    if meter is not None and meter.images:
-        stats["teacher_tokens_kept"] = meter.kept_fraction
-        stats["teacher_tokens_per_img"] = meter.tokens / meter.images
-        meter.reset()
-    pop_terms = getattr(criterion, "pop_loss_terms", None)  # feature KD: logit, mimic and generation terms apart
-    if callable(pop_terms):
-        stats.update(pop_terms(all_reduce=is_dist_avail_and_initialized()))
+    # The loss terms apart, the teacher's patch share and prefix tokens, and whether masking helps (quality.py).
+    stats.update(criterion.pop_stats(all_reduce=is_dist_avail_and_initialized()))
     print("Averaged stats:", {k: round(v, 5) for k, v in stats.items()})
+    summary = quality_summary(stats)
+    if summary:
+        print(summary)
     return stats
 
 

@@ -41,7 +41,7 @@ class KeepSchedule:
         if warmup is None:
             warmup = max(1, args.epochs // 3)
         return cls(criterion, shape=shape, warmup_epochs=warmup, epochs=args.epochs,
-                   target_ratio=None if args.num_keep is not None else criterion.keep_ratio,
+                   target_ratio=None if args.num_keep is not None else criterion.masked_teacher.keep_ratio,
                    target_count=args.num_keep)
 
     def apply(self, epoch: int) -> Dict[str, float]:

@@ -238,7 +238,7 @@ def check_data_channels(model: nn.Module, *, flag: str, kwargs_flag: str, channe
 NON_EXPERIMENT_FLAGS = frozenset({
     "output_dir", "resume", "resume_anyway", "start_epoch", "eval", "device", "num_workers", "pin_mem",
     "print_freq", "world_size", "dist_url", "dist_eval", "rank", "gpu", "distributed", "dist_backend",
-    "local_rank", "mask_vis", "no_flops", "demo", "data_path", "skip_bad_images", "epochs",
+    "local_rank", "mask_vis", "no_flops", "demo", "data_path", "skip_bad_images", "epochs", "plots",
 })
 
 

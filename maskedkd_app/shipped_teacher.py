@@ -22,7 +22,9 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .args import parse_args
 from .checkpoint import CheckpointError, extract_state_dict, read_checkpoint
+from .train import main as train_main
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 WEIGHTS = ASSETS / "procedural_vit_teacher.safetensors"
@@ -111,8 +113,7 @@ def export(checkpoint: Path, *, argv: List[str], acc1: float, seconds: float, we
            meta: Path = META) -> Dict:
     """Write a trained run's weights as safetensors plus the JSON record (command, data, accuracy, sha256)."""
     from safetensors.torch import save_file
-    import main_maskedkd
-    args = argparse.ArgumentParser(parents=[main_maskedkd.get_args_parser()]).parse_args(argv)
+    args = parse_args(argv)
     state = {k: v.contiguous() for k, v in extract_state_dict(read_checkpoint(str(checkpoint))).items()}
     weights.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(weights))
@@ -143,7 +144,6 @@ def _number(value):
 def retrain(output_dir: Path, *, weights: Path = WEIGHTS, meta: Path = META,
             argv: Optional[List[str]] = None) -> Dict:
     """Rerun the recorded training command (output under ``output_dir``) and re-export the teacher."""
-    import main_maskedkd
     argv = list(argv or read_meta(meta)["argv"])
     at = argv.index("--output_dir") + 1 if "--output_dir" in argv else None
     if at is None:
@@ -151,7 +151,7 @@ def retrain(output_dir: Path, *, weights: Path = WEIGHTS, meta: Path = META,
     else:
         argv[at] = str(output_dir)
     start = time.time()
-    stats = main_maskedkd.main(argparse.ArgumentParser(parents=[main_maskedkd.get_args_parser()]).parse_args(argv))
+    stats = train_main(parse_args(argv))
     return export(Path(output_dir) / "checkpoint.pth", argv=argv, acc1=stats["test_acc1"],
                   seconds=time.time() - start, weights=weights, meta=meta)
 

@@ -25,4 +25,4 @@ def test_python_lines_meet_the_configured_length():
 def test_tests_take_their_path_from_pyproject():
     patched = [str(path.relative_to(ROOT)) for path in _tracked("tests/*.py")
                if re.search(r"sys\.path(\.insert|\.append|\[)", path.read_text()) and path.name != Path(__file__).name]
-    assert not patched, f"tests that patch sys.path (use pyproject's pythonpath or PYTHONPATH for subprocesses): {patched}"
+    assert not patched, f"tests that patch sys.path (pyproject's pythonpath, or PYTHONPATH in a subprocess): {patched}"

@@ -1,6 +1,6 @@
 """main_maskedkd.py against bad input and faults: one clear line on stderr, exit code 2, nothing trained or lost.
 
-Most cases call ``main_maskedkd.cli`` in-process (it returns the exit code; an escaping exception fails the test,
+Most cases call ``maskedkd_app.cli.cli`` in-process (it returns the exit code; an escaping exception fails the test,
 which is what a traceback would be); a real process is used where the process boundary is the point: DataLoader
 workers, two runs on one directory, the lock of a killed run. Runs as root here, so a chmod'ed directory stays
 writable: read-only is exercised through a read-only tmpfs mount where mounting is allowed, and through a patched
@@ -20,7 +20,7 @@ from PIL import Image
 
 from tinymodels import ROOT, tiny, save_tiny_teacher
 
-import main_maskedkd
+from maskedkd_app.cli import cli
 from maskedkd_app import checkpoint as checkpoint_module
 from maskedkd_app import preflight
 from maskedkd_app.checkpoint import CheckpointError, read_checkpoint, save_atomic
@@ -54,7 +54,7 @@ def set_flag(argv, flag, value):
 
 
 def run_cli(argv, capsys):
-    code = main_maskedkd.cli([str(a) for a in argv])
+    code = cli([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.err, captured.out
 
@@ -188,7 +188,7 @@ def trained(tmp_path_factory, teacher_ckpt):
     """One finished epoch of a distillation run: (output dir, its command line)."""
     out = tmp_path_factory.mktemp("trained")
     argv = FAST + STUDENT + distil(teacher_ckpt) + ["--keep-ratio", "0.5", "--output_dir", str(out)]
-    assert main_maskedkd.cli(argv) == 0
+    assert cli(argv) == 0
     return out, argv
 
 

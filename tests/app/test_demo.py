@@ -1,16 +1,15 @@
 """The demo at toy size: shipped teacher verified, three student arms, one table whose numbers come from the run."""
 import json
 
-import main_maskedkd
+from maskedkd_app.args import parse_args
 from maskedkd_app import demo, procs
 
 TOY = {"train_size": 128, "val_size": 64, "epochs": 1}
 
 
 def test_demo_table_from_its_own_runs(tmp_path, capsys):
-    parser = main_maskedkd.argparse.ArgumentParser(parents=[main_maskedkd.get_args_parser()])
-    args = parser.parse_args(["--demo", "--output_dir", str(tmp_path), "--device", "cpu"])
-    summary = main_maskedkd.run_demo(args, cfg=TOY)
+    args = parse_args(["--demo", "--output_dir", str(tmp_path), "--device", "cpu"])
+    summary = demo.run_demo(args, cfg=TOY)
     out = capsys.readouterr().out
     assert "sha256 ok" in out
     arms = summary["arms"]
@@ -21,7 +20,7 @@ def test_demo_table_from_its_own_runs(tmp_path, capsys):
         last = json.loads((tmp_path / demo.arm_dir(name) / "log.txt").read_text().splitlines()[-1])
         assert a["student_acc1"] == last["test_acc1"]
     assert none["teacher_gflops"] == 0 and full["teacher_gflops"] == full["teacher_gflops_full"] > 0
-    assert masked["teacher_tokens_kept"] == (1 + 32) / (1 + 64)   # keep 0.5 of the 8x8 grid + class token
+    assert masked["teacher_patch_share"] == 32 / 64   # keep 0.5 of the 8x8 grid
     saved = 1 - masked["teacher_gflops"] / full["teacher_gflops"]
     assert 0.3 < saved < 0.6
     # The table prints every arm with its top-1, GFLOPs and the saving computed from them.

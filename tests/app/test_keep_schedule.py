@@ -7,7 +7,9 @@ import torch
 
 from tinymodels import tiny
 
-import main_maskedkd
+from maskedkd_app import train
+from maskedkd_app.args import parse_args
+from maskedkd_app.cli import cli
 from deit_patch.masking import scheduled_keep_ratio
 
 TEACHER = ["--teacher-model", "deit_small_patch16_224", "--teacher-kwargs", "patch_size=8", "depth=2",
@@ -20,8 +22,7 @@ RUN = ["--data-set", "PROCEDURAL", "--procedural-train-size", "64", "--procedura
 
 
 def _run(argv):
-    parser = main_maskedkd.argparse.ArgumentParser(parents=[main_maskedkd.get_args_parser()])
-    return main_maskedkd.main(parser.parse_args(argv))
+    return train.main(parse_args(argv))
 
 
 def test_schedule_values():
@@ -48,7 +49,7 @@ def test_logged_keep_follows_schedule_and_cost_integrates_it(tmp_path):
     assert [l["teacher_num_keep"] for l in lines] == [16, 10, 4, 4]
     assert [l["keep_ratio"] for l in lines] == pytest.approx([1.0, 10 / 16, 0.25, 0.25])
     # what the teacher really processed (the loss's own token meter): class token + kept patches
-    assert [l["train_teacher_tokens_kept"] for l in lines] == pytest.approx([(1 + k) / 17 for k in (16, 10, 4, 4)])
+    assert [l["train_teacher_patch_share"] for l in lines] == pytest.approx([k / 16 for k in (16, 10, 4, 4)])
     per_epoch = [l["teacher_gflops_per_img"] for l in lines]
     assert per_epoch[0] > per_epoch[1] > per_epoch[2] == per_epoch[3]
     cost = json.loads((out / "supervision_cost.json").read_text())
@@ -59,6 +60,5 @@ def test_logged_keep_follows_schedule_and_cost_integrates_it(tmp_path):
 
 
 def test_schedule_without_masking_is_refused(tmp_path, capsys):
-    code = main_maskedkd.cli(RUN[:-4] + ["--keep-schedule", "linear", "--epochs", "1", "--output_dir",
-                                           str(tmp_path)])
+    code = cli(RUN[:-4] + ["--keep-schedule", "linear", "--epochs", "1", "--output_dir", str(tmp_path)])
     assert code == 2 and "--keep-schedule" in capsys.readouterr().err

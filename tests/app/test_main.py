@@ -14,7 +14,9 @@ from PIL import Image
 
 from tinymodels import ROOT, tiny, save_tiny_teacher
 
-import main_maskedkd
+from maskedkd_app import build, train
+from maskedkd_app.args import parse_args
+from maskedkd_app.cli import cli
 from maskedkd_app.checkpoint import read_checkpoint
 
 STUDENT = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "depth=2", "embed_dim=64",
@@ -57,8 +59,7 @@ def data(folder):
 
 
 def run(argv):
-    parser = main_maskedkd.argparse.ArgumentParser(parents=[main_maskedkd.get_args_parser()])
-    return main_maskedkd.main(parser.parse_args(argv))
+    return train.main(parse_args(argv))
 
 
 def log_lines(out):
@@ -77,8 +78,9 @@ def test_one_epoch_runs(kind, student, keep, image_folder, teacher_ckpt, tmp_pat
     assert line["epoch"] == 0 and torch.isfinite(torch.tensor(line["train_loss"]))
     for key in ("train_lr", "test_acc1", "test_acc5", "train_images_per_s", "train_epoch_seconds"):
         assert key in line
-    kept = line["train_teacher_tokens_kept"]
-    assert kept == pytest.approx((1 + 8) / 17 if keep == "0.5" else 1.0)
+    # the share of the teacher's patches it saw, and its prefix (class) token apart
+    assert line["train_teacher_patch_share"] == pytest.approx(0.5 if keep == "0.5" else 1.0)
+    assert line["train_teacher_prefix_tokens"] == 1
     assert (out / "checkpoint.pth").exists() and stats["test_acc1"] == line["test_acc1"]
 
 
@@ -150,7 +152,7 @@ def test_eval_on_saved_checkpoint(image_folder, teacher_ckpt, tmp_path):
 
 
 def _cli(argv, capsys):
-    code = main_maskedkd.cli(argv)
+    code = cli(argv)
     return code, capsys.readouterr().err
 
 
@@ -205,9 +207,8 @@ def test_teacher_loading_formats(fmt, tmp_path, monkeypatch):
         where = "https://example.com/teacher.pth"
         monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
                             lambda url, **kw: torch.load(path, map_location="cpu", weights_only=True))
-    parser = main_maskedkd.argparse.ArgumentParser(parents=[main_maskedkd.get_args_parser()])
-    args = parser.parse_args(FAST + TEACHER + ["--teacher-path", where])
-    teacher = main_maskedkd.create_teacher(args, 4)
+    args = parse_args(FAST + TEACHER + ["--teacher-path", where])
+    teacher = build.create_teacher(args, 4)
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in state.items())
     assert teacher.global_pool == "token"  # DeiT's global_pool='avg' is not forced on a ViT teacher
 
@@ -216,17 +217,15 @@ def test_teacher_at_other_resolution_gets_resampled_position_embedding(tmp_path)
     source = tiny("vit_small_patch16_224", img_size=64, patch_size=8, depth=2, embed_dim=96, num_heads=2,
                   num_classes=4)
     torch.save({"model": source.state_dict()}, tmp_path / "t64.pth")
-    parser = main_maskedkd.argparse.ArgumentParser(parents=[main_maskedkd.get_args_parser()])
-    args = parser.parse_args(FAST + TEACHER + ["--teacher-path", str(tmp_path / "t64.pth")])
-    teacher = main_maskedkd.create_teacher(args, 4)
+    args = parse_args(FAST + TEACHER + ["--teacher-path", str(tmp_path / "t64.pth")])
+    teacher = build.create_teacher(args, 4)
     assert teacher.pos_embed.shape[1] == 1 + 16  # 64 px grid (8x8) resampled onto the 32 px input (4x4)
     assert torch.equal(teacher.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
 
 
 def test_cnn_teacher_keeps_deit_avg_pool(tmp_path):
-    parser = main_maskedkd.argparse.ArgumentParser(parents=[main_maskedkd.get_args_parser()])
-    args = parser.parse_args(FAST + ["--teacher-model", "resnet10t"])
-    teacher = main_maskedkd.create_teacher(args, 4)
+    args = parse_args(FAST + ["--teacher-model", "resnet10t"])
+    teacher = build.create_teacher(args, 4)
     assert teacher.global_pool.pool_type == "avg"
 
 

@@ -8,7 +8,8 @@ import torch.nn as nn
 
 from tinymodels import tiny, save_tiny_teacher
 
-import main_maskedkd
+from maskedkd_app import train
+from maskedkd_app.args import parse_args
 from deit_patch.features import ViTKDHeads
 from maskedkd_app.checkpoint import CheckpointError, load_training_state, read_checkpoint, save_training_state
 
@@ -31,8 +32,7 @@ def teacher_ckpt(tmp_path_factory):
 
 
 def run(argv):
-    parser = main_maskedkd.argparse.ArgumentParser(parents=[main_maskedkd.get_args_parser()])
-    return main_maskedkd.main(parser.parse_args(argv))
+    return train.main(parse_args(argv))
 
 
 def log_lines(out):

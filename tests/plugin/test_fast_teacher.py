@@ -52,7 +52,8 @@ def test_bf16_teacher_matches_fp32_reference(mask_mode):
     student = tiny(seed=1) if mask_mode == "attention" else None
     crit = loss(teacher, mask_mode=mask_mode, student=student, teacher_dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in teacher.parameters()), "teacher weights were not kept in bf16"
-    assert crit.renorm is None or not crit.renorm.active  # same statistics: the reference needs no conversion
+    renorm = crit.masked_teacher.renorm
+    assert renorm is None or not renorm.active  # same statistics: the reference needs no conversion
     x, y = images(), torch.arange(BATCH) % NUM_CLASSES
 
     def student_out():  # the student's forward is what the attention mode reads; random mode only needs logits
@@ -62,8 +63,7 @@ def test_bf16_teacher_matches_fp32_reference(mask_mode):
 
     student_out()
     torch.manual_seed(0)
-    got = crit.teacher_logits(x)
-    keep = crit.last_keep_idx
+    got, keep = crit.masked_teacher(x)
     check_keep(keep, BATCH)
     assert got.dtype == torch.float32  # handed back in fp32 for the KD loss
     want = reference_logits(fp32_teacher, x, keep)
@@ -90,11 +90,10 @@ def test_bf16_random_keep_is_reproducible_by_seed():
     crit = loss(teacher, mask_mode="random", teacher_dtype=torch.bfloat16)
     x = images()
     torch.manual_seed(3)
-    a = crit.teacher_logits(x)
-    keep_a = crit.last_keep_idx
+    a, keep_a = crit.masked_teacher(x)
     torch.manual_seed(3)
-    b = crit.teacher_logits(x)
-    assert torch.equal(keep_a, crit.last_keep_idx)
+    b, keep_b = crit.masked_teacher(x)
+    assert torch.equal(keep_a, keep_b)
     assert torch.equal(a, b)
 
 
@@ -106,10 +105,10 @@ def test_bf16_teacher_ignores_the_callers_autocast(amp_dtype, keep_ratio):
     crit = loss(teacher, mask_mode="random", keep_ratio=keep_ratio, teacher_dtype=torch.bfloat16)
     x = images()
     torch.manual_seed(1)
-    want = crit.teacher_logits(x)
+    want = crit.masked_teacher(x)[0]
     with torch.autocast(device_type="cpu", dtype=amp_dtype):
         torch.manual_seed(1)
-        got = crit.teacher_logits(x)
+        got = crit.masked_teacher(x)[0]
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
@@ -158,23 +157,22 @@ def test_compiled_teacher_matches_eager_and_pads_small_batch(compile_works, monk
         x = images()
 
         torch.manual_seed(5)
-        got = compiled.teacher_logits(x)
-        keep = compiled.last_keep_idx
+        got, keep = compiled.masked_teacher(x)
         check_keep(keep, BATCH)
         assert graphs, "compile_teacher=True never reached the compile backend"
         compiled_graphs = len(graphs)
         unique_graphs = counters["stats"]["unique_graphs"]
 
         torch.manual_seed(5)
-        want = eager.teacher_logits(x)
-        assert torch.equal(eager.last_keep_idx, keep)
+        want, eager_keep = eager.masked_teacher(x)
+        assert torch.equal(eager_keep, keep)
         assert_bf16_close(got, want)
         assert_bf16_close(got, reference_logits(fp32_teacher, x, keep))
 
         # A smaller last batch: same seed, so its indices are the first rows of the full batch's.
         torch.manual_seed(5)
-        small = compiled.teacher_logits(x[:3])
-        assert torch.equal(compiled.last_keep_idx, keep[:3]), "test set-up: the seed did not reproduce the indices"
+        small, small_keep = compiled.masked_teacher(x[:3])
+        assert torch.equal(small_keep, keep[:3]), "test set-up: the seed did not reproduce the indices"
         assert small.shape == (3, NUM_CLASSES)
         assert len(graphs) == compiled_graphs, f"the smaller batch was compiled again: {graphs}"
         assert counters["stats"]["unique_graphs"] == unique_graphs
@@ -183,7 +181,7 @@ def test_compiled_teacher_matches_eager_and_pads_small_batch(compile_works, monk
 
         # And the full batch again still hits the one compiled graph.
         torch.manual_seed(5)
-        again = compiled.teacher_logits(x)
+        again = compiled.masked_teacher(x)[0]
         assert len(graphs) == compiled_graphs
         torch.testing.assert_close(again, got, rtol=0, atol=0)
     finally:

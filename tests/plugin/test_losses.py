@@ -100,7 +100,7 @@ def test_distillation_none_never_runs_teacher_and_hooks_nothing(batch):
             raise AssertionError("teacher ran")
 
     crit = MaskedDistillationLoss(nn.CrossEntropyLoss(), Boom(), "none", 0.5, 1.0, student=student, keep_ratio=0.5)
-    assert crit.capture is None
+    assert crit.masked_teacher is None  # the teacher is never wrapped, so nothing is hooked
     assert all(len(m._forward_hooks) == 0 for m in student.modules())
     out = student.train()(x)
     torch.testing.assert_close(crit(x, out, y), F.cross_entropy(out, y))
@@ -226,6 +226,6 @@ def test_loss_without_student_forward(batch):
 def test_teacher_resolution_mismatch_is_refused(batch):
     x, y = batch
     crit = _mk(teacher=tiny("deit_small_patch16_224", img_size=64))
-    student = crit.capture.model
+    student = crit.masked_teacher.capture.model
     with pytest.raises(ValueError, match="img_size=32"):
         crit(x, student.train()(x), y)

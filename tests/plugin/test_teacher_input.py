@@ -68,10 +68,10 @@ def test_mismatched_teacher_is_converted_and_reported(batch):
 
 def test_distillation_loss_converts_only_when_asked():
     student, teacher = tiny(), tiny("vit_small_patch16_224")
-    assert DistillationLoss(nn.CrossEntropyLoss(), teacher, "soft", 0.5, 1.0).renorm is None
+    assert DistillationLoss(nn.CrossEntropyLoss(), teacher, "soft", 0.5, 1.0).masked_teacher.renorm is None
     asked = DistillationLoss(nn.CrossEntropyLoss(), teacher, "soft", 0.5, 1.0, student=student,
                              student_mean=IMAGENET_STATS[0], student_std=IMAGENET_STATS[1])
-    assert asked.renorm is not None and asked.renorm.teacher == HALF
+    assert asked.masked_teacher.renorm is not None and asked.masked_teacher.renorm.teacher == HALF
 
 
 def test_half_given_statistics_are_refused():

@@ -102,8 +102,9 @@ def test_old_timm_imports_the_module_and_names_the_timm_needed():
         import sys, timm
         assert not hasattr(timm, "task") and timm.__version__.startswith("0.9"), timm.__version__
         import deit_patch.timm_task as m
+        assert not m.has_logit_task and not m.has_token_task
         try:
-            m.MaskedLogitDistillationTask
+            m.MaskedLogitDistillationTask(None, None)
         except m.TimmTaskUnavailable as err:
             print("REFUSED", err)
         print("APP", sorted(k for k in sys.modules if k.split(".")[0] == "maskedkd_app"))
@@ -119,13 +120,24 @@ def test_old_timm_imports_the_module_and_names_the_timm_needed():
 @needs_task
 @pytest.mark.parametrize("name,base", [("MaskedLogitDistillationTask", "LogitDistillationTask"),
                                        ("MaskedTokenDistillationTask", "TokenDistillationTask")])
-def test_signature_is_timms_plus_masking(name, base):
+def test_constructor_is_timms_plus_masking(name, base):
     import inspect
     import deit_patch.timm_task as module
-    ours = list(inspect.signature(getattr(module, name).__init__).parameters)
-    theirs = [p for p in inspect.signature(getattr(timm_task, base).__init__).parameters]
-    assert ours == theirs + ["keep_ratio", "num_keep", "mask_mode"]
-    assert issubclass(getattr(module, name), getattr(timm_task, base))
+    ours, theirs = getattr(module, name), getattr(timm_task, base)
+    assert issubclass(ours, theirs)
+    extra = inspect.signature(ours.__init__).parameters
+    assert all(extra[k].kind == inspect.Parameter.KEYWORD_ONLY for k in ("keep_ratio", "num_keep", "mask_mode"))
+    # timm's arguments pass through unchanged, by position and by name
+    student, teacher = models(student_name="deit_tiny_distilled_patch16_224" if "Token" in name
+                              else "deit_tiny_patch16_224")
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+    task = ours(student, teacher, criterion, temperature=3.0, task_loss_weight=0.25, verbose=False, keep_ratio=0.5)
+    reference = theirs(copy.deepcopy(student), copy.deepcopy(teacher), criterion, temperature=3.0,
+                       task_loss_weight=0.25, verbose=False)
+    assert task.criterion is criterion and task.temperature == reference.temperature == 3.0
+    assert (task.task_loss_weight, task.distill_loss_weight) == (reference.task_loss_weight,
+                                                                  reference.distill_loss_weight)
+    assert task.masked_teacher.num_keep == 8
 
 
 @needs_task
@@ -141,7 +153,7 @@ def test_bad_settings_are_refused_clearly():
     with pytest.raises(UnsupportedTeacherError, match="keep_ratio=1.0"):
         masked_task(student, cnn, keep_ratio=0.5)
     unmasked = masked_task(student, cnn)  # no keep asked: a CNN teacher runs unmasked, as in timm
-    assert unmasked.masker is None and unmasked(*data())["num_keep"] == 0
+    assert unmasked.masked_teacher is None and unmasked(*data())["num_keep"] == 0
 
 
 @needs_task
@@ -182,7 +194,7 @@ def test_masked_teacher_sees_the_top_k_of_the_students_class_attention():
     result = task(x, y)
 
     keep = hand_topk(hand_class_attention(student, x), 8)
-    assert torch.equal(task.masker.last_keep_idx, keep)
+    assert torch.equal(task.masked_teacher.last_step.keep_idx, keep)
     assert result["num_keep"] == 8
     x_t = hand_teacher_input(x, student, teacher)
     by_hand = hand_pruned_vit(teacher, x_t, keep)
@@ -208,7 +220,7 @@ def test_token_task_masks_from_the_class_token_and_distils_the_dist_head():
                                        num_keep=5, verbose=False).train()
     result = task(x, y)
     keep = hand_topk(hand_class_attention(student, x), 5)  # prefix = class + distillation token
-    assert torch.equal(task.masker.last_keep_idx, keep)
+    assert torch.equal(task.masked_teacher.last_step.keep_idx, keep)
     with torch.no_grad():
         cls_logits, dist_logits = student(x)
     teacher_logits = hand_pruned_vit(teacher, hand_teacher_input(x, student, teacher), keep)
@@ -236,9 +248,9 @@ def test_task_compile_compiles_student_and_pruned_teacher():
     task = masked_task(student, teacher, keep_ratio=0.5)
     # timm's compile(): the student and the pruned teacher forward get compiled, the mask choice stays eager.
     task.compile(backend="eager")
-    assert task.masker.compiled and task.teacher.model is task.masker
+    assert task.masked_teacher.compile_teacher and task.teacher.model.masked_teacher is task.masked_teacher
     again = task(x, y)
-    assert torch.equal(task.masker.last_keep_idx, hand_topk(hand_class_attention(student, x), 8))
+    assert torch.equal(task.masked_teacher.last_step.keep_idx, hand_topk(hand_class_attention(student, x), 8))
     torch.testing.assert_close(again["kd_loss"], reference["kd_loss"], rtol=1e-5, atol=1e-6)
 
 
@@ -293,7 +305,7 @@ def worker(rank, out):
     result["loss"].backward()
     losses, keeps = [None, None], [None, None]
     dist.all_gather_object(losses, result["loss"].item())
-    dist.all_gather_object(keeps, task.masker.last_keep_idx)
+    dist.all_gather_object(keeps, task.masked_teacher.last_step.keep_idx)
     if rank == 0:
         torch.save({{"loss": sum(losses) / 2, "keep": torch.cat(keeps),
                     "grads": {{n: p.grad for n, p in student.named_parameters()}}}}, out + ".ddp")
@@ -326,7 +338,7 @@ def test_ddp_two_cpu_processes_equal_one(tmp_path):
     task = masked_task(student, tiny(seed=1, depth=3), keep_ratio=0.5)
     result = task(x, y)
     result["loss"].backward()
-    assert torch.equal(ddp["keep"], task.masker.last_keep_idx)
+    assert torch.equal(ddp["keep"], task.masked_teacher.last_step.keep_idx)
     assert ddp["loss"] == pytest.approx(result["loss"].item(), rel=1e-5)
     for name, param in student.named_parameters():
         torch.testing.assert_close(ddp["grads"][name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
@@ -345,9 +357,10 @@ args = parser.parse_args()
 teacher = tiny(seed=1) if args.kd_model_name == "tiny" else args.kd_model_name
 task = LogitDistillationTask(student_model=tiny(seed=0), teacher_model=teacher, criterion=nn.CrossEntropyLoss(),
                              temperature=args.kd_temperature, verbose=False)
-print("TASK", type(task).__name__, getattr(getattr(task, "masker", None), "num_keep", None), task.temperature)
+print("TASK", type(task).__name__, getattr(getattr(task, "masked_teacher", None), "num_keep", None),
+      task.temperature)
 if args.save_teacher:
-    torch.save(task.masker.teacher.state_dict(), args.save_teacher)
+    torch.save(task.masked_teacher.teacher.state_dict(), args.save_teacher)
 """
 
 
@@ -396,3 +409,13 @@ def test_cli_refuses_a_train_py_without_timm_task(tmp_path):
         return
     ours, rest = split_args(argv)
     assert ours.keep_ratio == 0.25 and rest == ["--keep", "3", "-b", "8"]  # no prefix matching of train.py flags
+
+
+@needs_task
+@pytest.mark.parametrize("bad", [dict(temperature=float("nan")), dict(temperature=0.0),
+                                 dict(task_loss_weight=float("inf")), dict(distill_loss_weight=-1.0),
+                                 dict(keep_ratio=float("nan")), dict(num_keep=2.5), dict(probe_every=-3)])
+def test_numbers_are_refused_where_they_enter_naming_the_argument(bad):
+    student, teacher = models()
+    with pytest.raises((ValueError, TypeError), match=next(iter(bad))):
+        masked_task(student, teacher, **{"keep_ratio": 0.5, **bad})

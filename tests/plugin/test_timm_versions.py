@@ -255,7 +255,7 @@ def test_teacher_statistics_come_from_this_timms_config():
     mean_s = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std_s = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     x_teacher = (x * std_s + mean_s - 0.5) / 0.5
-    assert crit.renorm is not None and crit.renorm.active
+    assert crit.masked_teacher.renorm is not None and crit.masked_teacher.renorm.active
     with torch.no_grad():
         t_logits = hand_teacher("vit", teacher.eval(), x_teacher, crit.last_keep_idx)
     torch.testing.assert_close(loss, hand_loss("soft", out, t_logits, y, 1.0, 1.0), rtol=1e-5, atol=1e-6)

@@ -130,7 +130,7 @@ def test_unmasked_equals_vitkd_formulas(distilled, s_width, batch):
         heads.mask_token.normal_()
     out = student(x)
     loss = crit(x, out, y)
-    terms = crit.pop_loss_terms()
+    terms = crit.pop_stats()
 
     prefix = 2 if distilled else 1
     with torch.no_grad():
@@ -159,7 +159,7 @@ def test_masked_teacher_uses_kept_positions_only(distilled, family, batch):
         crit.feature_heads.mask_token.normal_()
     out = student(x)
     crit(x, out, y)
-    terms = crit.pop_loss_terms()
+    terms = crit.pop_stats()
     keep_idx = crit.last_keep_idx
     assert keep_idx.shape == (4, 8)
 
@@ -428,5 +428,5 @@ def test_mimicking_on_any_timm(distilled, keep, batch):
         aligners = crit.feature_heads.shallow_align
         mimic = sum(((F.linear(s, a.weight, a.bias) - t) ** 2).sum()
                     for a, s, t in zip(aligners, s_shallow, t_shallow)) / 4 * ALPHA
-    assert crit.pop_loss_terms()["loss_vitkd_mimic"] == pytest.approx(float(mimic), rel=1e-5)
+    assert crit.pop_stats()["loss_vitkd_mimic"] == pytest.approx(float(mimic), rel=1e-5)
     crit.remove_hooks()
