@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from deit_patch.argtypes import OneLineParser, non_negative_float, non_negative_int, positive_int, seed_int
+
 from . import build, procs, shipped_teacher
 from .args import parse_args
 from .recipes import ARMS, CPU_SETUP, arm_argv, teacher_argv
@@ -500,9 +502,9 @@ def _analyses(summary: Dict, p: Dict, *, root: Path, report: Path, num_images: i
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=None, choices=list(ARMS), metavar="ARM",
                         help=f"arms to train (default: all but the '(analysis)' arms and {sorted(NOT_DEFAULT)}; the "
                              "digits preset adds the mixed-criterion arms; see --analysis-arms and --add-arms)")
@@ -519,14 +521,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--retrain-teacher", action="store_true",
                         help="train the teacher (cpu preset: the shipped teacher's recorded command) instead of "
                              "using the shipped one")
-    parser.add_argument("--max-minutes", type=float, default=None,
+    parser.add_argument("--max-minutes", type=non_negative_float, default=None,
                         help="start no new run after this many minutes; rerun the same command to continue")
-    parser.add_argument("--analysis-images", type=int, default=1000,
+    parser.add_argument("--analysis-images", type=non_negative_int, default=1000,
                         help="val images for the masked-teacher analysis (0: skip it)")
     parser.add_argument("--findings", default="", help="a Markdown file appended to the report (interpretation)")
     parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                         help="change a preset value, e.g. train=1000 student_epochs=2 (smoke runs)")
-    parser.add_argument("--jobs", type=int, default=None,
+    parser.add_argument("--jobs", type=positive_int, default=None,
                         help="runs trained at once, one thread each (default: one per idle core)")
     parser.add_argument("--run-one", nargs=2, metavar=("ARM", "SEED"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

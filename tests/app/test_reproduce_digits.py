@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from maskedkd_app import reproduce
+from maskedkd_app.args import parse_args
 from maskedkd_app.data import data_stats
 
 
@@ -16,9 +17,9 @@ def png_size(path):
 
 def test_digits_preset_trains_on_the_digits_without_flips_and_tells_the_teacher_their_statistics(tmp_path):
     p = reproduce.PRESETS["digits"]
-    teacher = reproduce._parse(reproduce.teacher_argv(p, device="cpu", root=tmp_path))
+    teacher = parse_args(reproduce.teacher_argv(p, device="cpu", root=tmp_path))
     arm = "MaskedKD mixed (half attention, half random), keep 0.5"
-    student = reproduce._parse(reproduce.arm_argv(arm, p=p, seed=2, device="cpu", out=tmp_path / "s",
+    student = parse_args(reproduce.arm_argv(arm, p=p, seed=2, device="cpu", out=tmp_path / "s",
                                                   teacher_path=tmp_path / "teacher.pth", mask_vis=None))
     for args in (teacher, student):
         assert args.data_set == "DIGITS" and args.hflip == 0.0 and args.aa == "" and args.input_size == 32
@@ -29,7 +30,7 @@ def test_digits_preset_trains_on_the_digits_without_flips_and_tells_the_teacher_
     assert student.distillation_tau == 1.0 and student.kd_reduction == "batchmean"
     assert teacher.model_kwargs["embed_dim"] == 96 and teacher.epochs == p["teacher_epochs"]
     # The procedural presets keep their own flags (and ImageNet statistics for a teacher trained here).
-    gpu = reproduce._parse(reproduce.arm_argv("full-teacher KD", p=reproduce.PRESETS["gpu"], seed=0, device="cpu",
+    gpu = parse_args(reproduce.arm_argv("full-teacher KD", p=reproduce.PRESETS["gpu"], seed=0, device="cpu",
                                               out=tmp_path / "g", teacher_path=tmp_path / "t.pth", mask_vis=None))
     assert gpu.data_set == "PROCEDURAL" and gpu.hflip == 0.5 and gpu.teacher_mean == [0.485, 0.456, 0.406]
 
