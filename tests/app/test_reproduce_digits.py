@@ -35,9 +35,9 @@ def test_digits_preset_trains_on_the_digits_without_flips_and_tells_the_teacher_
     assert gpu.data_set == "PROCEDURAL" and gpu.hflip == 0.5 and gpu.teacher_mean == [0.485, 0.456, 0.406]
 
 
-@pytest.mark.parametrize("preset, report, out, fixes", [("cpu", "REPRODUCTION.md", "output/reproduce", False),
-                                                        ("digits", "REPRODUCTION_DIGITS.md",
-                                                         "output/reproduce_digits", True)])
+@pytest.mark.parametrize("preset, report, out, fixes", [
+    ("cpu", "results/procedural/REPRODUCTION.md", "output/reproduce", False),
+    ("digits", "results/digits/REPRODUCTION_DIGITS.md", "output/reproduce_digits", True)])
 def test_preset_defaults(preset, report, out, fixes, monkeypatch):
     seen = {}
 
@@ -51,7 +51,7 @@ def test_preset_defaults(preset, report, out, fixes, monkeypatch):
     assert str(seen["root"]) == out
     assert all(arm in seen["arms"] for arm in reproduce.DEFAULT_ARMS)
     assert all((arm in seen["arms"]) == fixes for arm in reproduce.FIX_ARMS)
-    assert reproduce.PRESET_FILES.get(preset, ("REPRODUCTION.md", "output/reproduce")) == (report, out)
+    assert reproduce.PRESET_FILES[preset] == (report, out)
 
 
 def test_fig3_and_fig2_plots(tmp_path):
