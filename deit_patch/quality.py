@@ -258,9 +258,9 @@ class MaskGuard:
                 f"{window['probe_kl_random']:.3f}){acc}")
         if self.action == "fallback":
             return what + f". Switching this run to the fallback ({self.fallback!r}) as mask_guard='fallback' asks."
-        return what + (". Distilling from it can leave the student worse than no KD: use mask_mode='random' or a "
-                       "higher keep ratio, or mask_guard='fallback' to switch automatically (main_maskedkd.py: "
-                       "--mask-guard fallback)")
+        return what + (". Distilling from it can leave the student worse than no KD: use mask_mode='mixed' (half "
+                       "attention, half random; same cost) or 'random', or a higher keep ratio, or "
+                       "mask_guard='fallback' to switch automatically (main_maskedkd.py: --mask-guard fallback)")
 
     def state(self) -> Dict[str, object]:
         return {"action": self.action, "fallback": self.fallback, "fired": self.fired, "switched": self.switched}
