@@ -9,8 +9,9 @@ Three parts, all fed by ``MaskedTeacher`` and read once per epoch (``pop``), wit
   interval keeps the probe's extra teacher tokens under ``budget`` (1%) of the masked teacher's tokens.
 - ``MaskGuard``: over a window of probes, the chosen mask is judged markedly worse than a random mask of the same
   size (agreement with the full teacher lower by ``margin``), or far from the full teacher (agreement below
-  ``1 - full_margin``). It then warns with the numbers and the fix; ``action='fallback'`` also switches the run's
-  mask criterion (to ``fallback``, default 'random', same keep count and cost), and the switch is recorded.
+  ``1 - full_margin``), each with ``z`` standard errors to spare. It then warns with the numbers and the fix;
+  ``action='fallback'`` also switches the run's mask criterion (to ``fallback``, default 'random', same keep count
+  and cost), and the switch is recorded.
 """
 from __future__ import annotations
 
@@ -102,8 +103,8 @@ class ProbeResult:
     """One probe's sums (device tensors): images, agreement with the full teacher, labelled top-1, KL."""
     row: torch.Tensor
 
-    KEYS = ("images", "agree_mask", "agree_random", "kl_mask", "kl_random", "labelled", "correct_full",
-            "correct_mask", "correct_random")
+    KEYS = ("images", "agree_mask", "agree_random", "agree_both", "kl_mask", "kl_random", "labelled",
+            "correct_full", "correct_mask", "correct_random")
 
 
 class FidelityProbe:
@@ -159,8 +160,9 @@ class FidelityProbe:
         def correct(logits: torch.Tensor) -> torch.Tensor:
             return (logits.argmax(dim=1) == hard.to(logits.device)).sum().double() if hard is not None else n * 0
 
-        row = torch.stack([n, (chosen.argmax(dim=1) == top_full).sum().double(),
-                           (random.argmax(dim=1) == top_full).sum().double(),
+        agree_mask, agree_random = chosen.argmax(dim=1) == top_full, random.argmax(dim=1) == top_full
+        row = torch.stack([n, agree_mask.sum().double(), agree_random.sum().double(),
+                           (agree_mask & agree_random).sum().double(),  # the paired term of the guard's variance
                            _kl(full, chosen).sum().double(), _kl(full, random).sum().double(), labelled,
                            correct(full), correct(chosen), correct(random)])
         self.sums = row if self.sums is None else self.sums + row
@@ -195,13 +197,17 @@ class MaskGuard:
 
     margin: the chosen mask agrees with the full teacher's top-1 this much less often than a random mask does
       (0.10: 10 points). full_margin: the chosen mask agrees with it on fewer than ``1 - full_margin`` of the images.
+    Both are judged with ``z`` standard errors to spare, on the same probed images (a paired comparison): a clear
+    case fires after ``min_images`` images, a borderline one needs the whole window, noise never should (with a true
+    gap of zero, firing on 64 images takes a gap 5 standard errors wide).
     """
     action: str = "warn"
     fallback: str = "random"
     margin: float = 0.10
     full_margin: float = 0.5
     window: int = 8
-    min_images: int = 64
+    min_images: int = 16
+    z: float = 3.0
     recent: List[torch.Tensor] = field(default_factory=list)
     fired: Optional[Dict[str, float]] = None    # the verdict that fired first (kept for the log and checkpoint)
     switched: Optional[Dict[str, object]] = None  # the fallback switch, when one happened
@@ -216,6 +222,8 @@ class MaskGuard:
         _check_fraction("guard_full_margin", self.full_margin, allow_zero=True)
         _check_int("guard_window", self.window, low=1)
         _check_int("guard_min_images", self.min_images, low=1)
+        if not math.isfinite(self.z) or self.z < 0:
+            raise ValueError(f"guard_z={self.z!r} must be a finite number >= 0")
 
     @property
     def active(self) -> bool:
@@ -225,16 +233,18 @@ class MaskGuard:
               ) -> Optional[Dict[str, float]]:
         """Add one probe; once the window is full, the verdict over it (one host sync per probe), else None."""
         self.recent = (self.recent + [result.row])[-self.window:]
-        if len(self.recent) < self.window:
+        sums = dict(zip(ProbeResult.KEYS, reduce(torch.stack(self.recent).sum(dim=0)).tolist()))
+        n = sums["images"]
+        if n < self.min_images:
             return None
-        window = summarise(reduce(torch.stack(self.recent).sum(dim=0)).tolist())
-        if window.get("probe_images", 0) < self.min_images:
-            return None
-        gap = (window["probe_agree_random"] - window["probe_agree_mask"]) / 100.0
-        far = 1.0 - window["probe_agree_mask"] / 100.0
-        if gap >= self.margin > 0 or (self.full_margin > 0 and far > self.full_margin):
-            return window
-        return None
+        mask, random = sums["agree_mask"] / n, sums["agree_random"] / n
+        # Per image d = agree_random - agree_mask in {-1, 0, 1}: E[d^2] = P(random) + P(mask) - 2 P(both).
+        gap = random - mask
+        gap_se = math.sqrt(max(random + mask - 2 * sums["agree_both"] / n - gap * gap, 0.0) / n)
+        mask_se = math.sqrt(mask * (1 - mask) / n)
+        worse = self.margin > 0 and gap - self.z * gap_se >= self.margin
+        far = self.full_margin > 0 and mask + self.z * mask_se < 1 - self.full_margin
+        return summarise(list(sums.values())) if worse or far else None
 
     def message(self, window: Dict[str, float], *, mask_mode: str, kept: int, patches: int) -> str:
         acc = ""
@@ -248,9 +258,9 @@ class MaskGuard:
                 f"{window['probe_kl_random']:.3f}){acc}")
         if self.action == "fallback":
             return what + f". Switching this run to the fallback ({self.fallback!r}) as mask_guard='fallback' asks."
-        return what + (". Distilling from it can leave the student worse than no KD: use mask_mode='random' or a "
-                       "higher keep ratio, or mask_guard='fallback' to switch automatically (main_maskedkd.py: "
-                       "--mask-guard fallback)")
+        return what + (". Distilling from it can leave the student worse than no KD: use mask_mode='mixed' (half "
+                       "attention, half random; same cost) or 'random', or a higher keep ratio, or "
+                       "mask_guard='fallback' to switch automatically (main_maskedkd.py: --mask-guard fallback)")
 
     def state(self) -> Dict[str, object]:
         return {"action": self.action, "fallback": self.fallback, "fired": self.fired, "switched": self.switched}

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import runpy
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .argtypes import OneLineParser, keep_fraction, positive_int
 from .capture import CaptureError
-from .masking import MASK_MODES
+from .masking import MASK_MODES, resolve_num_keep
 from .teacher_input import TeacherInputError
 from .teachers import UnsupportedTeacherError
 from .timm_task import MASKED_TASKS, TeacherWeightsUnavailable, TimmTaskUnavailable, configured, timm_task_base
@@ -41,15 +43,16 @@ def _parse_kwargs_action() -> type:
 
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: a prefix of one of train.py's flags must never be taken for ours.
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m deit_patch.timm_train", add_help=False, allow_abbrev=False,
         description="timm's train.py with MaskedKD: the KD teacher sees only the patches the student attends to. "
                     "All other flags go to train.py (--kd-model-name selects distillation there).")
     parser.add_argument("--timm-train", required=True, metavar="PATH",
                         help="timm's train.py (from a pytorch-image-models checkout matching the installed timm)")
-    parser.add_argument("--keep-ratio", type=float, default=None,
+    parser.error_prefix = "deit_patch.timm_train: "
+    parser.add_argument("--keep-ratio", type=keep_fraction, default=None,
                         help="fraction of teacher patches kept (default 0.5 with a ViT-family teacher, 1.0 with a CNN)")
-    parser.add_argument("--num-keep", type=int, default=None, help="absolute teacher patch count instead")
+    parser.add_argument("--num-keep", type=positive_int, default=None, help="absolute teacher patch count instead")
     parser.add_argument("--mask-mode", default=None, choices=sorted(MASK_MODES) + ["none"],
                         help="how patches are chosen (default attention: the student's class-token attention)")
     parser.add_argument("--kd-checkpoint", default=None, metavar="FILE",
@@ -90,6 +93,112 @@ def check_train_script(path: str) -> str:
         raise TimmTrainError(f"{path} defines {', '.join(taken)} itself, which this wrapper also reads: the two "
                              "would clash; edit train.py by hand instead (README, 'With timm's train.py')")
     return source
+
+
+# Our flags that act on the KD teacher alone, as (flag, dest, value meaning "not given").
+TEACHER_FLAGS = (("--keep-ratio", "keep_ratio", None), ("--num-keep", "num_keep", None),
+                 ("--mask-mode", "mask_mode", None), ("--kd-checkpoint", "kd_checkpoint", None),
+                 ("--kd-model-kwargs", "kd_model_kwargs", {}))
+
+
+def _given_teacher_flags(ours: argparse.Namespace) -> List[str]:
+    return [flag for flag, dest, unset in TEACHER_FLAGS if getattr(ours, dest) is not None
+            and getattr(ours, dest) != unset]
+
+
+def train_py_args(train_py: str, rest: Sequence[str]) -> Optional[argparse.Namespace]:
+    """train.py's own reading of its flags (its parser, and its --config YAML), without running its main().
+
+    timm's train.py builds its parser at import and trains only under ``if __name__ == '__main__'``, so executing it
+    under another name and calling its ``_parse_args`` reads the flags exactly as the run will. A script without
+    that guard would train on import: None (the caller then reads the command line itself). train.py's refusal of
+    its own flags (SystemExit) passes through: it is the same refusal the run would give, only earlier.
+    """
+    with open(train_py, encoding="utf-8") as f:
+        source = f.read()
+    if not re.search(r"""if\s+__name__\s*==\s*['"]__main__['"]""", source):
+        return None
+    saved_argv, saved_path = list(sys.argv), list(sys.path)
+    sys.argv = [train_py] + list(rest)
+    sys.path.insert(0, os.path.dirname(train_py))
+    try:
+        namespace = runpy.run_path(train_py, run_name="__maskedkd_flags__")
+        parse = namespace.get("_parse_args")
+        if callable(parse):
+            parsed = parse()
+            return parsed[0] if isinstance(parsed, tuple) else parsed
+        parser = namespace.get("parser")
+        return parser.parse_known_args(list(rest))[0] if isinstance(parser, argparse.ArgumentParser) else None
+    except SystemExit:
+        raise
+    except Exception:  # noqa: BLE001 - the script cannot be read this way; the run itself will say what is wrong
+        return None
+    finally:
+        sys.argv, sys.path = saved_argv, saved_path
+
+
+def _kd_model_name(train_args: Optional[argparse.Namespace], rest: Sequence[str]) -> Optional[str]:
+    if train_args is not None:
+        return getattr(train_args, "kd_model_name", None)
+    for i, arg in enumerate(rest):  # no parser to ask: the flag as written
+        if arg.startswith("--kd-model-name="):
+            return arg.split("=", 1)[1]
+        if arg == "--kd-model-name" and i + 1 < len(rest):
+            return rest[i + 1]
+    return None
+
+
+def check_before_run(ours: argparse.Namespace, rest: Sequence[str], train_py: str) -> None:
+    """Refuse, before train.py builds anything, what would be ignored or fail only once it had: masking flags on a
+    run that distils nothing (or distils features, which are not masked), and a keep setting the teacher's patch
+    grid cannot take (0, more patches than it has, --keep-ratio and --num-keep disagreeing)."""
+    given = _given_teacher_flags(ours)
+    train_args = train_py_args(train_py, rest)
+    teacher = _kd_model_name(train_args, rest)
+    if given and teacher is None:
+        raise TimmTrainError(f"{', '.join(given)} {'configures' if len(given) == 1 else 'configure'} the KD teacher, "
+                             "but train.py distils nothing here (no --kd-model-name): add --kd-model-name TEACHER, "
+                             "or drop " + ", ".join(given))
+    kind = getattr(train_args, "kd_distill_type", "logit") if train_args is not None else "logit"
+    masking_flags = [flag for flag in given if flag in ("--keep-ratio", "--num-keep", "--mask-mode")]
+    if masking_flags and kind == "feature":
+        raise TimmTrainError(f"{', '.join(masking_flags)}: --kd-distill-type feature distils the teacher's features "
+                             "unmasked (only logit and token distillation are masked); use --kd-distill-type logit "
+                             "or token, or drop " + ", ".join(masking_flags))
+    if ours.mask_mode == "none" and (ours.num_keep is not None or ours.keep_ratio not in (None, 1.0)):
+        raise TimmTrainError("--mask-mode none runs the whole teacher, so --keep-ratio/--num-keep would be ignored: "
+                             "drop one or the other")
+    if teacher is not None and (ours.keep_ratio is not None or ours.num_keep is not None) \
+            and ours.mask_mode != "none":
+        _check_keep_fits(teacher, ours)
+
+
+def _check_keep_fits(name: str, ours: argparse.Namespace) -> None:
+    """The keep setting against the teacher's patch grid, read from the teacher built on the meta device."""
+    import torch
+    from timm import create_model, is_model
+    from .teachers import find_family, num_teacher_patches
+    if not is_model(name):
+        return  # a name train.py resolves some other way (hf-hub:, a local folder): checked when it is built
+    try:
+        with torch.device("meta"):  # shapes only: no weights allocated, nothing downloaded
+            teacher = create_model(name, pretrained=False, **ours.kd_model_kwargs)
+    except Exception:  # noqa: BLE001 - train.py will build it and say what is wrong in its own words
+        return
+    flags = " ".join(f"{flag} {value}" for flag, value in (("--keep-ratio", ours.keep_ratio),
+                                                           ("--num-keep", ours.num_keep)) if value is not None)
+    if find_family(teacher) is None:
+        if ours.num_keep is not None or ours.keep_ratio != 1.0:
+            raise TimmTrainError(f"{flags}: the KD teacher {name} ({type(teacher).__name__}) has no patch tokens to "
+                                 "mask; a CNN teacher runs unmasked, so drop the flag")
+        return
+    patches = num_teacher_patches(teacher)
+    if ours.num_keep is not None and getattr(teacher, "dynamic_img_size", False) and ours.keep_ratio is None:
+        return  # a dynamic-size teacher's patch count is the batch's: checked per batch
+    try:
+        resolve_num_keep(num_patches=patches, keep_ratio=ours.keep_ratio, num_keep=ours.num_keep)
+    except ValueError as error:
+        raise TimmTrainError(f"{flags} does not fit the KD teacher {name} ({patches} patches): {error}") from None
 
 
 def task_defaults(ours: argparse.Namespace) -> Dict[str, object]:
@@ -173,6 +282,7 @@ def run(argv: Optional[Sequence[str]] = None) -> None:
     train_py = os.path.abspath(ours.timm_train)
     check_train_script(train_py)
     defaults = task_defaults(ours)
+    check_before_run(ours, rest, train_py)
     built: List[str] = []
     originals = install_tasks(defaults, built, teacher_kwargs=ours.kd_model_kwargs)
     import timm.task as timm_task

@@ -111,7 +111,7 @@ def build_student(args, device: torch.device) -> torch.nn.Module:
     model = create_student(args)
     if hasattr(model, "set_distilled_training") and args.distillation_type != "none":
         model.set_distilled_training(True)  # timm's DeiT-distilled: (cls, dist) outputs while training
-    if args.finetune:
+    if args.finetune and not args.eval:  # --eval loads its weights whole (train.main): no re-initialised head
         load_weights(model, args.finetune, strict=False, what="fine-tune checkpoint", drop_mismatched_head=True)
     return model.to(device)
 
@@ -285,9 +285,17 @@ def checked_criterion(args, **kwargs) -> MaskedDistillationLoss:
 
 
 def build_mask_recorder(args, criterion, teacher):
-    """``--mask-vis``: the recorder of kept patches (heat maps, mask grids), or None when off or nothing is masked."""
-    if not args.mask_vis or not getattr(criterion, "masking", False):
+    """``--mask-vis``: the recorder of kept patches (heat maps, mask grids), or None when off.
+
+    A run that masks nothing (a CNN teacher, keep 1.0, --mask-mode none) would draw nothing: --mask-vis is refused
+    there rather than ignored.
+    """
+    if not args.mask_vis:
         return None
+    if not getattr(criterion, "masking", False):
+        raise preflight.RunError(f"--mask-vis {args.mask_vis}: this run masks no teacher patches "
+                                 f"({criterion.describe().splitlines()[0]}), so there is nothing to draw; drop "
+                                 "--mask-vis, or mask (--keep-ratio below 1 with a ViT-family teacher)")
     from .maskvis import MaskRecorder
     mean, std = data_stats(args)
     return MaskRecorder(args.mask_vis, teacher_grid(teacher), mean=mean, std=std)

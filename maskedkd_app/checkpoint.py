@@ -17,15 +17,18 @@ import struct
 import tempfile
 import zipfile
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
 from deit_patch.capture import unwrap_model
+
+from . import filekinds
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -129,26 +132,51 @@ def _is_url(path_or_url: str) -> bool:
 
 
 def read_checkpoint(path_or_url: PathLike, *, map_location: Any = "cpu") -> Dict[str, Any]:
-    """Load a checkpoint from a local ``.pth``/``.safetensors`` file or an http(s) URL, refusing pickled code."""
+    """Load a checkpoint from a local torch.save/safetensors file or an http(s) URL, refusing pickled code.
+
+    A local file's format is read from its content (``filekinds.sniff``), not its name: a safetensors file named
+    ``.pth`` loads, and a file that is no checkpoint (a log, a Git LFS pointer, a numpy array) is named as what it is.
+    """
     source = os.fspath(path_or_url)
     if not _is_url(source) and not os.path.isfile(source):
         raise CheckpointError(f"checkpoint not found: {source}; check the path given to --teacher-path / --resume")
     try:
         if _is_url(source):
-            return _read_url(source, map_location=map_location)
-        if source.endswith(".safetensors"):
+            return _as_dict(_read_url(source, map_location=map_location), source)
+        kind = filekinds.sniff(source)
+        if kind.name in ("empty", "zip-broken"):
+            raise CheckpointError(f"corrupt or truncated checkpoint: {source} ({kind.description}); re-download or "
+                                  "re-copy it, or resume from an earlier checkpoint")
+        if not kind.is_checkpoint:
+            raise CheckpointError(f"cannot load {source}: it is {kind.description}. Pass a checkpoint written by "
+                                  "torch.save (.pth) or a .safetensors file")
+        if kind.name == "safetensors":
             return load_safetensors(source, device=_safetensors_device(map_location))
-        return torch.load(source, map_location=map_location, weights_only=True)
+        return _as_dict(torch.load(source, map_location=map_location, weights_only=True), source)
     except pickle.UnpicklingError as error:
-        if "weights_only" in str(error) or "Weights only" in str(error):
+        # weights_only's refusal of a global (a class, a function) is pickled code; any other unpickling failure
+        # in a file that starts like a torch checkpoint is damage.
+        if re.search(r"Unsupported global|GLOBAL \S+ was not an allowed global", str(error)):
             raise _pickled_code_error(source, error) from None
         raise _corrupt_error(source, error) from None
     except _CORRUPT_ERRORS as error:
+        if isinstance(error, CheckpointError):
+            raise
         raise _corrupt_error(source, error) from None
     except OSError as error:
         if error.errno in (errno.EINVAL, errno.EIO):  # a short file read past its end on some readers
             raise _corrupt_error(source, error) from None
         raise CheckpointError(f"cannot read checkpoint {source}: {error}") from None
+
+
+def _as_dict(loaded: Any, source: str) -> Dict[str, Any]:
+    """A checkpoint is a dict; say what else was saved (a bare tensor, a list, a whole pickled module)."""
+    if isinstance(loaded, Mapping):
+        return loaded
+    what = (f"a single tensor of shape {tuple(loaded.shape)}" if isinstance(loaded, torch.Tensor)
+            else f"a {type(loaded).__name__}")
+    raise CheckpointError(f"{source} holds {what}, not a dict of tensors: save a state dict, "
+                          "torch.save({'model': model.state_dict()}, path), or a .safetensors file")
 
 
 def _read_url(url: str, *, map_location: Any) -> Dict[str, Any]:
@@ -280,12 +308,15 @@ def load_teacher(model: nn.Module, path_or_url: PathLike, *, strict: bool = True
 def save_training_state(path: PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                         lr_scheduler: Any, epoch: int, args: Any, scaler: Any = None, model_ema: Any = None,
                         extra: Optional[Mapping[str, Any]] = None, config: Optional[Mapping[str, Any]] = None,
-                        feature_heads: Optional[nn.Module] = None) -> None:
+                        feature_heads: Optional[nn.Module] = None,
+                        rng_states: Optional[Sequence[Mapping[str, Any]]] = None) -> None:
     """Atomically save everything needed to resume, in a form ``torch.load(weights_only=True)`` accepts.
 
     ``epoch`` is the epoch just finished; ``load_training_state`` returns ``epoch + 1``. ``config`` is the run's
     experiment configuration as given (``args`` is the live namespace, rescaled in place), read back on resume by
     ``saved_config`` so that a resume with other flags is refused instead of silently mixing two experiments.
+    ``rng_states`` are every rank's RNG states (``gather_rng_states``, rank order) in a multi-process run, so that
+    each rank resumes its own streams; without them only this process's state is stored.
     """
     state: Dict[str, Any] = {
         "format": TRAINING_STATE_FORMAT,
@@ -307,6 +338,8 @@ def save_training_state(path: PathLike, *, model: nn.Module, optimizer: torch.op
         state["feature_heads"] = feature_heads.state_dict()
     if config is not None:
         state["config"] = args_to_dict(config)
+    if rng_states is not None:
+        state["rng_per_rank"] = [dict(rank_state) for rank_state in rng_states]
     # Refuse before writing: an object that only pickles with code would make the resume fail, not the save.
     _check_weights_only_safe(state, where="training state")
     save_atomic(state, path)
@@ -318,7 +351,7 @@ def load_training_state(path: PathLike, *, model: nn.Module, optimizer: Optional
     """Restore what ``save_training_state`` wrote into the objects given; returns the epoch to start at."""
     source = os.fspath(path)
     state = read_checkpoint(source)
-    _require_training_state(state, source=source)
+    require_training_state(state, source=source)
     fix = "Resume with the same --model / --nb-classes the checkpoint was trained with."
     load_state_checked(unwrap_model(model), extract_state_dict(state), strict=True, source=source, what="model state",
                fix=fix)
@@ -340,8 +373,8 @@ def load_training_state(path: PathLike, *, model: nn.Module, optimizer: Optional
         load_state_checked(feature_heads, state["feature_heads"], strict=True, source=source,
                            what="feature-distillation heads", fix="Resume with the same --feature-kd/--vitkd-layers "
                            "and the same student/teacher widths the checkpoint was trained with.")
-    if restore_rng and "rng" in state:
-        restore_rng_state(state["rng"])
+    if restore_rng:
+        restore_rank_rng(state, source=source)
     return int(state["epoch"]) + 1
 
 
@@ -351,7 +384,7 @@ def saved_config(path: PathLike) -> Optional[Dict[str, Any]]:
     return dict(config) if isinstance(config, Mapping) else None
 
 
-def _require_training_state(state: Mapping[str, Any], *, source: str) -> None:
+def require_training_state(state: Mapping[str, Any], *, source: str) -> None:
     if state.get("format") != TRAINING_STATE_FORMAT or "epoch" not in state:
         raise CheckpointError(
             f"{source} is not a maskedkd training-state checkpoint (no format marker/epoch; keys: "
@@ -447,6 +480,55 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         cuda_states: List[torch.Tensor] = list(state["cuda"])[: torch.cuda.device_count()]
         for device, cuda_state in enumerate(cuda_states):
             torch.cuda.set_rng_state(cuda_state.cpu(), device)
+
+
+def _rank_and_world() -> Tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_rng_states() -> List[Dict[str, Any]]:
+    """Every rank's ``capture_rng_state()`` in rank order, on rank 0 (an empty list elsewhere).
+
+    A collective under torch.distributed: every rank must call it, at the same point of the run.
+    """
+    state = capture_rng_state()
+    rank, world = _rank_and_world()
+    if world == 1:
+        return [state]
+    gathered: Optional[List[Any]] = [None] * world if rank == 0 else None
+    dist.gather_object(state, gathered, dst=0)
+    return list(gathered) if gathered is not None else []
+
+
+def restore_rank_rng(state: Mapping[str, Any], *, source: str = "checkpoint") -> None:
+    """Give this rank back its own RNG streams from a training state.
+
+    With as many ranks as the checkpoint was written by, rank r restores rank r's states: dropout, drop-path,
+    random masks and augmentation continue as if the run had not stopped, and the ranks' streams stay distinct.
+    With another rank count (or a checkpoint from before per-rank states), no stream beyond rank 0's exists: rank 0
+    continues rank 0's, every other rank starts a fresh stream of its own from (--seed, rank, epoch), never a copy
+    of rank 0's, and a note says the resume is not an exact continuation.
+    """
+    rank, world = _rank_and_world()
+    per_rank = state.get("rng_per_rank")
+    saved_world = len(per_rank) if per_rank else 1
+    if per_rank and saved_world == world:
+        restore_rng_state(per_rank[rank])
+        return
+    if saved_world != world and rank == 0:
+        print(f"note: {source} holds the RNG states of {saved_world} process(es), this run has {world}: random "
+              "augmentation, dropout and masks continue on new per-rank streams, not exactly as before")
+    if rank == 0 and "rng" in state:
+        restore_rng_state(state["rng"])
+        return
+    config = state.get("config") or state.get("args") or {}
+    fresh = np.random.SeedSequence([int(config.get("seed", 0) or 0), rank, int(state.get("epoch", 0))])
+    seed = int(fresh.generate_state(1)[0])
+    torch.manual_seed(seed)  # also every CUDA device's generator
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 # ------------------------------------------------------------------------------------------------------ resume

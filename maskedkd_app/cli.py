@@ -17,7 +17,7 @@ from deit_patch.teachers import UnsupportedTeacherError
 
 from . import demo, train
 from . import distributed as dist_utils
-from .args import parse_args
+from .args import check_demo_args, parse_args
 from .checkpoint import CheckpointError
 from .data import DataError
 from .engine import NonFiniteLossError
@@ -38,9 +38,13 @@ def _one_line(error: BaseException) -> str:
 
 def cli(argv: Optional[List[str]] = None) -> int:
     """The exit code of one ``main_maskedkd.py`` call with ``argv`` (``sys.argv[1:]`` when None)."""
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as done:  # --help (0), or a usage error already printed as one line (2)
+        return done.code if isinstance(done.code, int) else 2
     try:
         if args.demo:
+            check_demo_args(args)
             demo.run_demo(args)
         else:
             train.main(args)

@@ -579,17 +579,26 @@ def _procedural_transform(is_train: bool, args: Any) -> Optional[Callable]:
 
 
 def _procedural(is_train: bool, args: Any) -> Tuple[Dataset, int]:
-    num_classes = getattr(args, "nb_classes", None) or 10
+    # None (not given) takes the default; any other value is used as given (0 is refused, never replaced).
+    num_classes = _given(args, "nb_classes", 10)
     size_arg = "procedural_train_size" if is_train else "procedural_val_size"
     mean, std = data_stats(args)
+    num_samples = _given(args, size_arg, 5000 if is_train else 1000)
+    if num_samples < 1:
+        raise DataError(f"--{size_arg.replace('_', '-')} {num_samples}: the data set needs at least one image")
     dataset = ProceduralObjects(
-        num_samples=getattr(args, size_arg, None) or (5000 if is_train else 1000), num_classes=num_classes,
+        num_samples=num_samples, num_classes=num_classes,
         img_size=args.input_size, seed=getattr(args, "procedural_seed", 0),
         split="train" if is_train else "val", transform=_procedural_transform(is_train, args), mean=mean, std=std,
         # Validation labels stay clean: accuracy is measured against what the images show.
-        label_noise=(getattr(args, "procedural_label_noise", 0.0) or 0.0) if is_train else 0.0,
+        label_noise=_given(args, "procedural_label_noise", 0.0) if is_train else 0.0,
     )
     return dataset, num_classes
+
+
+def _given(args: Any, name: str, default: Any) -> Any:
+    value = getattr(args, name, None)
+    return default if value is None else value
 
 
 DATASETS: Dict[str, DatasetBuilder] = {

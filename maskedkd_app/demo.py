@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from . import distributed as dist_utils
-from . import procs, recipes, shipped_teacher
+from . import preflight, procs, recipes, shipped_teacher
 from .args import parse_args
 from .train import main
 
@@ -89,8 +89,7 @@ def run_demo(args, cfg: Optional[Dict] = None) -> Dict:
     """Train every demo arm (``cfg`` overrides ``DEFAULTS``), print their table and return its numbers."""
     import torch
     cfg = {**DEFAULTS, **(cfg or {})}
-    out = Path(args.output_dir or "output/demo")
-    out.mkdir(parents=True, exist_ok=True)
+    out = preflight.check_output_dir(args.output_dir or "output/demo")
     device = args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu"
     # On CPU the arms run as parallel single-threaded processes, one per free core; under torchrun (or on a GPU)
     # in this process, one after another.

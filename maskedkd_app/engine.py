@@ -45,9 +45,11 @@ def _first_bad_step(first_bad: torch.Tensor) -> int:
     return int(first_bad.item())
 
 
-def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, model: nn.Module, loss_scaler,
+def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, *, loss_scaler,
                     max_norm: Optional[float]) -> None:
-    params = [p for p in model.parameters() if p.requires_grad]
+    # --clip-grad bounds the step the optimizer takes: every parameter it updates, the criterion's trainable heads
+    # (ViTKD) as much as the student, in one norm. The student's parameters alone would leave the heads unclipped.
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     if loss_scaler is not None:  # fp16: timm's NativeScaler scales, unscales before clipping, and steps
         loss_scaler(loss, optimizer, clip_grad=max_norm, parameters=params)
         return
@@ -88,7 +90,7 @@ def train_one_epoch(model: nn.Module, criterion: DistillationLoss, data_loader: 
                                 torch.minimum(first_bad, first_bad.new_tensor(step)))
         loss_sum += detached
         optimizer.zero_grad(set_to_none=True)
-        _optimizer_step(loss, optimizer, model=model, loss_scaler=loss_scaler, max_norm=max_norm)
+        _optimizer_step(loss, optimizer, loss_scaler=loss_scaler, max_norm=max_norm)
         if model_ema is not None:
             model_ema.update(model)
         keep_idx = criterion.last_step.keep_idx  # the step's record: which teacher patches it kept

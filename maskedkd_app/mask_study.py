@@ -14,7 +14,7 @@ validation images, what the teacher is left with under each mask criterion:
   recorded accuracy), and the masked teacher's top-1 under each epoch's attention;
 * pictures (PNG): validation images with the kept patches of each criterion and the teacher's prediction.
 
-Writes JSON (``--json``) and PNGs (``--figures``); the Markdown write-up (docs/real_images.md) quotes them.
+Writes JSON (``--json``) and PNGs (``--figures``); the Markdown write-up (results/digits/real_images.md) quotes them.
 """
 from __future__ import annotations
 
@@ -344,7 +344,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--preset", choices=sorted(reproduce.PRESETS), default="digits")
     parser.add_argument("--root", default=None, help="the reproduction's output folder (default: the preset's)")
     parser.add_argument("--json", default=None, help="results (default: <root>/mask_study.json)")
-    parser.add_argument("--figures", default="docs/real_images_figures")
+    parser.add_argument("--figures", default="results/digits/real_images_figures")
     parser.add_argument("--images", type=int, default=1000, help="val images measured (all of DIGITS' 450)")
     parser.add_argument("--picture-seed", type=int, default=None,
                         help="seed of the MaskedKD attention student whose masks are drawn (default: its worst seed)")

@@ -275,11 +275,13 @@ class MaskRecorder:
         """Reduce counts over ranks, write this epoch's files on rank 0, reset; returns {kind: path} written."""
         self.freq.all_reduce()  # collective: every rank must reach it
         written: Dict[str, Path] = {}
-        if _is_rank_zero():
-            written = self._write(epoch, is_last=is_last)
-        self.freq.reset()
-        self._snapshot = None
-        self._want_snapshot = False
+        try:
+            if _is_rank_zero():
+                written = self._write(epoch, is_last=is_last)
+        finally:  # a picture that failed to draw must not carry its counts into the next epoch's
+            self.freq.reset()
+            self._snapshot = None
+            self._want_snapshot = False
         return written
 
     def _keep_info(self) -> str:

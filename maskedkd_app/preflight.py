@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -41,26 +41,58 @@ def _probe_write(directory: Path) -> None:
         handle.flush()
 
 
-def check_output_dir(path: str) -> Path:
-    """Create ``path`` if needed and prove a file can be written there; RunError naming the path otherwise."""
+def check_output_dir(path: str, *, flag: str = "--output_dir") -> Path:
+    """Create ``path`` if needed and prove a file can be written there; RunError naming ``flag`` and the path."""
     directory = Path(path)
     if directory.exists() and not directory.is_dir():
-        raise RunError(f"--output_dir {path} is a file, not a directory: pass a directory path (it is created if "
+        raise RunError(f"{flag} {path} is a file, not a directory: pass a directory path (it is created if "
                        "missing)")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise RunError(f"--output_dir {path} cannot be created: part of that path is a file; pass a path whose "
+        raise RunError(f"{flag} {path} cannot be created: part of that path is a file; pass a path whose "
                        "parents are directories") from None
     except OSError as error:
-        raise RunError(f"--output_dir {path} cannot be created ({error.strerror or error}); pass a writable "
+        raise RunError(f"{flag} {path} cannot be created ({error.strerror or error}); pass a writable "
                        "location") from None
     try:
         _probe_write(directory)
     except OSError as error:
-        raise RunError(f"--output_dir {path} is not writable ({error.strerror or error}): checkpoints could not be "
+        raise RunError(f"{flag} {path} is not writable ({error.strerror or error}): its files could not be "
                        "saved, so nothing was trained; pass a writable directory") from None
     return directory
+
+
+def check_output_files(directory: Path, names: Sequence[str], *, flag: str = "--output_dir") -> None:
+    """Each file the run will write in ``directory`` can be: not a directory of that name, not a read-only file.
+
+    Checkpoints are replaced by rename (the directory's write permission, proven by ``check_output_dir``); the log
+    is appended to, so an existing file must open for appending (opened, nothing written).
+    """
+    for name in names:
+        path = directory / name
+        if path.is_dir():
+            raise RunError(f"{flag} {directory}: {name} there is a directory, but the run writes a file of that "
+                           f"name; move it away or pass another {flag}")
+        if path.exists():
+            try:
+                with open(path, "ab"):
+                    pass
+            except OSError as error:
+                raise RunError(f"{flag} {directory}: {name} cannot be written ({error.strerror or error}); fix its "
+                               f"permissions or pass another {flag}") from None
+
+
+def check_input_files(paths: Mapping[str, str]) -> None:
+    """Each ``{flag: path}`` given (not an URL) names an existing file: refused before anything is built."""
+    for flag, path in paths.items():
+        if not path or str(path).startswith(("https://", "http://")):
+            continue
+        if os.path.isdir(path):
+            raise RunError(f"{flag} {path} is a directory: pass the checkpoint file inside it (e.g. "
+                           f"{os.path.join(path, 'checkpoint.pth')})")
+        if not os.path.isfile(path):
+            raise RunError(f"{flag} {path}: no such file; check the path")
 
 
 class OutputDirLock:

@@ -38,7 +38,8 @@ ARMS: Dict[str, Arm] = {
     "ViTKD + MaskedKD 0.5": Arm("soft", "attention", 0.5, ("--feature-kd", "vitkd")),
     # Analysis: does a softer full-teacher target alone (tau 4) do what the masked teacher's softer target does?
     "full-teacher KD, tau 4 (analysis)": Arm("soft", "none", 1.0, ("--distillation-tau", "4")),
-    # The fix measured on real images (docs/real_images.md): half the kept patches by attention, half at random.
+    # The fix measured on real images (results/digits/real_images.md): half the kept patches by attention, half
+    # at random.
     "MaskedKD mixed (half attention, half random), keep 0.5": Arm("soft", "mixed", 0.5),
     "MaskedKD mixed (half attention, half random), keep 0.25": Arm("soft", "mixed", 0.25),
 }

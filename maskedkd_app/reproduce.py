@@ -10,9 +10,11 @@ distillation has nothing to add. Beside the table:
 the masked teacher's own accuracy and output entropy per criterion and keep ratio (paper Fig. 2 left), student
 accuracy per epoch (Fig. 3) and keep-frequency heat maps per epoch for every seed (Fig. 4/5). Finished runs are
 recorded in ``<output-dir>/runs.json`` and reported instead of retrained, so an interrupted call continues.
-Results go to REPRODUCTION.md (tables + the command), PNGs beside it, and JSON under the output directory.
+Results go to results/procedural/REPRODUCTION.md (tables + the command), PNGs beside it, and JSON under the output
+directory.
 ``--preset digits`` runs the same arms (plus the 'mixed' criterion) on real images, scikit-learn's handwritten digits,
-with a teacher it trains on first use; its report is REPRODUCTION_DIGITS.md (docs/real_images.md explains it).
+with a teacher it trains on first use; its report is results/digits/REPRODUCTION_DIGITS.md
+(results/digits/real_images.md explains it).
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from deit_patch.argtypes import OneLineParser, non_negative_float, non_negative_int, positive_int, seed_int
+
 from . import build, procs, shipped_teacher
 from .args import parse_args
 from .recipes import ARMS, CPU_SETUP, arm_argv, teacher_argv
@@ -33,7 +37,7 @@ from .train import main as train_main
 
 REPO = Path(__file__).resolve().parent.parent  # children run ``-m maskedkd_app.reproduce`` from here
 
-# The fix measured on real images (docs/real_images.md): half the kept patches by attention, half at random.
+# The fix measured on real images (results/digits/real_images.md): half the kept patches by attention, half at random.
 FIX_ARMS = ["MaskedKD mixed (half attention, half random), keep 0.5",
             "MaskedKD mixed (half attention, half random), keep 0.25"]
 # Left out by default so that the cpu preset's default call stays within 90 minutes on 2 cores: the '(analysis)'
@@ -43,15 +47,17 @@ NOT_DEFAULT = {"ViTKD + full KD", *FIX_ARMS}
 DEFAULT_ARMS = [arm for arm in ARMS if not arm.endswith("(analysis)") and arm not in NOT_DEFAULT]
 # A preset's own default arms, where they differ; its report and output folder, where they are not the cpu one's.
 PRESET_ARMS = {"digits": DEFAULT_ARMS + FIX_ARMS}
-PRESET_FILES = {"digits": ("REPRODUCTION_DIGITS.md", "output/reproduce_digits")}
+PRESET_FILES = {"cpu": ("results/procedural/REPRODUCTION.md", "output/reproduce"),
+                "digits": ("results/digits/REPRODUCTION_DIGITS.md", "output/reproduce_digits")}
 
 PRESETS = {
     # 2-core CPU, the demo's setup (recipes.CPU_SETUP: 32 px, the shipped teacher, a 3-block ViT student). 20% of
     # the student's training labels are wrong: with clean labels the 99.6% teacher is one-hot on these images and
-    # soft KD is the label loss again (measured: full KD no better than no KD; REPRODUCTION_clean_labels.md), so the
+    # soft KD is the label loss again (measured: full KD no better than no KD; results/procedural_clean_labels/), so the
     # comparison could not show anything.
     # 30 epochs, not 20: with wrong labels the no-KD student leaves its chance-level start late, and at 20 epochs it
-    # ended at 35-53% depending on the seed (REPRODUCTION_20_epochs.md); at 30 every seed is above 50%.
+    # ended at 35-53% depending on the seed (results/procedural_20_epochs/); at 30 every seed is above
+    # 50%.
     "cpu": {**CPU_SETUP, "student_epochs": 30, "label_noise": 0.2},
     # One GPU: 64 px, 16x16 grid, the DeiT-S/Ti shapes at reduced depth, more data and epochs.
     "gpu": {"img": 64, "patch": 4, "train": 50000, "val": 5000, "batch": 256, "teacher_epochs": 40,
@@ -59,8 +65,8 @@ PRESETS = {
             "teacher": ["vit_small_patch16_224", "embed_dim=384", "depth=8", "num_heads=6"],
             "student": ["deit_tiny_patch16_224", "embed_dim=192", "depth=6", "num_heads=3"]},
     # Real images (2-core CPU): scikit-learn's 1797 handwritten-digit scans, 8x8 resized to 32 px, split 1347/450,
-    # the setting where student-attention masks were seen to hurt (docs/real_images.md). The teacher is the cpu
-    # teacher's architecture trained here on the same data (cached in the output folder); the student is the cpu
+    # the setting where student-attention masks were seen to hurt (results/digits/real_images.md). The teacher is
+    # the cpu teacher's architecture trained here on the same data (cached in the output folder); the student is the cpu
     # one. No flips (a mirrored digit is another class or none), no RandAugment, crops with 4 px padding.
     "digits": {"img": 32, "patch": 4, "train": 1347, "val": 450, "batch": 64, "teacher_epochs": 150,
                "student_epochs": 30, "workers": 0, "lr": 1e-3, "warmup": 5, "tau": 1.0, "label_noise": 0.0,
@@ -500,9 +506,9 @@ def _analyses(summary: Dict, p: Dict, *, root: Path, report: Path, num_images: i
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=None, choices=list(ARMS), metavar="ARM",
                         help=f"arms to train (default: all but the '(analysis)' arms and {sorted(NOT_DEFAULT)}; the "
                              "digits preset adds the mixed-criterion arms; see --analysis-arms and --add-arms)")
@@ -514,23 +520,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--output-dir", default=None,
                         help="runs and JSON (default: output/reproduce, output/reproduce_digits for --preset digits)")
     parser.add_argument("--report", default=None,
-                        help="the generated report (default: REPRODUCTION.md, REPRODUCTION_DIGITS.md for digits)")
+                        help="the generated report (default: results/procedural/REPRODUCTION.md, "
+                             "results/digits/REPRODUCTION_DIGITS.md for digits)")
     parser.add_argument("--no-mask-vis", action="store_true")
     parser.add_argument("--retrain-teacher", action="store_true",
                         help="train the teacher (cpu preset: the shipped teacher's recorded command) instead of "
                              "using the shipped one")
-    parser.add_argument("--max-minutes", type=float, default=None,
+    parser.add_argument("--max-minutes", type=non_negative_float, default=None,
                         help="start no new run after this many minutes; rerun the same command to continue")
-    parser.add_argument("--analysis-images", type=int, default=1000,
+    parser.add_argument("--analysis-images", type=non_negative_int, default=1000,
                         help="val images for the masked-teacher analysis (0: skip it)")
     parser.add_argument("--findings", default="", help="a Markdown file appended to the report (interpretation)")
     parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                         help="change a preset value, e.g. train=1000 student_epochs=2 (smoke runs)")
-    parser.add_argument("--jobs", type=int, default=None,
+    parser.add_argument("--jobs", type=positive_int, default=None,
                         help="runs trained at once, one thread each (default: one per idle core)")
     parser.add_argument("--run-one", nargs=2, metavar=("ARM", "SEED"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    default_report, default_dir = PRESET_FILES.get(args.preset, ("REPRODUCTION.md", "output/reproduce"))
+    default_report, default_dir = PRESET_FILES.get(args.preset, PRESET_FILES["cpu"])
     args.report, args.output_dir = args.report or default_report, args.output_dir or default_dir
     args.arms = args.arms or list(PRESET_ARMS.get(args.preset, DEFAULT_ARMS))
     extra = args.add_arms + ([arm for arm in ARMS if arm.endswith("(analysis)")] if args.analysis_arms else [])

@@ -57,10 +57,9 @@ def plot_run(output_dir: Path) -> Path:
         if epochs:
             probe.plot(epochs, values, marker="o", label=label)
     fired = [line["epoch"] for line in lines if line.get("train_mask_guard_fired")]
-    for epoch in fired:
-        probe.axvline(epoch, color="red", alpha=0.3)
-    probe.set(title="agreement with the full teacher" + (" (red: guard fired)" if fired else ""),
-              xlabel="epoch", ylabel="% of probed images")
+    for n, epoch in enumerate(fired):
+        probe.axvline(epoch, color="red", alpha=0.3, label="mask guard fired" if n == 0 else None)
+    probe.set(title="agreement with the full teacher's top-1", xlabel="epoch", ylabel="% of probed images")
     for axes in (student, teacher, probe):
         if axes.get_legend_handles_labels()[0]:
             axes.legend(fontsize=8)

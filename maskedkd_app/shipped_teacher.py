@@ -10,7 +10,6 @@ data are a pure function of their seed, so the shipped teacher and the data it i
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+
+from deit_patch.argtypes import OneLineParser, positive_int
 
 from .args import parse_args
 from .checkpoint import CheckpointError, extract_state_dict, read_checkpoint
@@ -157,11 +158,11 @@ def retrain(output_dir: Path, *, weights: Path = WEIGHTS, meta: Path = META,
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="The shipped procedural ViT teacher: check or retrain it")
+    parser = OneLineParser(description="The shipped procedural ViT teacher: check or retrain it")
     parser.add_argument("--retrain", action="store_true", help="rerun the recorded command and re-export")
     parser.add_argument("--check", action="store_true", help="verify the checksum and measure val accuracy")
     parser.add_argument("--output-dir", default="output/shipped_teacher", help="training output (with --retrain)")
-    parser.add_argument("--val-images", type=int, default=None, help="val images for --check (default: all)")
+    parser.add_argument("--val-images", type=positive_int, default=None, help="val images for --check (default: all)")
     args = parser.parse_args(argv)
     try:
         if args.retrain:

@@ -22,11 +22,12 @@ import torch.backends.cudnn as cudnn
 from . import build, preflight
 from . import distributed as dist_utils
 from .args import check_args
-from .checkpoint import (find_resume, load_training_state, read_checkpoint, save_atomic, save_training_state,
-                         saved_config)
+from .checkpoint import (find_resume, gather_rng_states, load_training_state, read_checkpoint, require_training_state,
+                         save_atomic, save_training_state)
 from .data import BAD_IMAGES_LOG, count_bad_images
 from .engine import evaluate, train_one_epoch
 from .keep_schedule import KeepSchedule
+from .run_plots import plot_run
 
 
 def main(args) -> dict:
@@ -41,7 +42,11 @@ def main(args) -> dict:
         cudnn.benchmark = True
         print(args)
         _claim_output_dir(args, run_scope)
-        _check_resume_config(args, config)
+        preflight.check_input_files({"--resume": args.resume, "--finetune": args.finetune,
+                                     "--teacher-path": args.teacher_path if args.distillation_type != "none" else ""})
+        resume = find_resume(args.output_dir, args.resume)
+        _check_weights_to_use(args, resume)
+        _check_resume_config(args, config, resume)
 
         data = build.build_data(args)
         mixup_fn = build.build_mixup(args)
@@ -53,6 +58,11 @@ def main(args) -> dict:
                                                               else None)
         n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
         print("number of params:", n_parameters)
+        if args.eval:  # nothing below (optimizer, teacher, loss) is needed to evaluate
+            build.load_weights(model_without_ddp, resume or args.finetune, strict=True, what="weights to evaluate")
+            test_stats = evaluate(data.loader_val, model, device, amp_dtype=args.amp_dtype, reduce=args.dist_eval)
+            print(f"Accuracy of the network on the {len(data.val)} test images: {test_stats['acc1']:.1f}%")
+            return {f"test_{k}": v for k, v in test_stats.items()}
         optimizer, lr_scheduler, loss_scaler = build.build_optimizer(args, model_without_ddp, device)
 
         teacher = build.build_teacher(args, device)
@@ -77,30 +87,21 @@ def main(args) -> dict:
             if cost is not None:
                 (output_dir / "supervision_cost.json").write_text(json.dumps(cost.as_dict(), indent=1))
 
-        resume = find_resume(args.output_dir, args.resume)
         max_accuracy = 0.0
         if resume:
-            if args.eval:
-                build.load_weights(model_without_ddp, resume, strict=True, what="checkpoint to evaluate")
-            else:
-                schedule = copy.deepcopy(lr_scheduler.state_dict())
-                args.start_epoch = load_training_state(resume, model=model_without_ddp, optimizer=optimizer,
-                                                       lr_scheduler=lr_scheduler, scaler=loss_scaler,
-                                                       model_ema=model_ema, feature_heads=feature_heads)
-                if lr_scheduler.state_dict() != schedule:
-                    # timm schedulers are a function of their settings and the epoch; the command line's settings win,
-                    # so `--epochs 300` resumed from a run started with `--epochs 100` follows the 300-epoch schedule.
-                    print("note: the schedule settings differ from the checkpoint's: following the command line")
-                    lr_scheduler.load_state_dict(schedule)
-                extra = read_checkpoint(resume).get("extra", {})
-                max_accuracy = float(extra.get("max_accuracy", 0.0))
-                criterion.load_guard_state(extra.get("mask_guard"))  # a fallback switch stays switched
-                print(f"Resumed from {resume}: continuing at epoch {args.start_epoch}")
-
-        if args.eval:
-            test_stats = evaluate(data.loader_val, model, device, amp_dtype=args.amp_dtype, reduce=args.dist_eval)
-            print(f"Accuracy of the network on the {len(data.val)} test images: {test_stats['acc1']:.1f}%")
-            return {f"test_{k}": v for k, v in test_stats.items()}
+            schedule = copy.deepcopy(lr_scheduler.state_dict())
+            args.start_epoch = load_training_state(resume, model=model_without_ddp, optimizer=optimizer,
+                                                   lr_scheduler=lr_scheduler, scaler=loss_scaler,
+                                                   model_ema=model_ema, feature_heads=feature_heads)
+            if lr_scheduler.state_dict() != schedule:
+                # timm schedulers are a function of their settings and the epoch; the command line's settings win,
+                # so `--epochs 300` resumed from a run started with `--epochs 100` follows the 300-epoch schedule.
+                print("note: the schedule settings differ from the checkpoint's: following the command line")
+                lr_scheduler.load_state_dict(schedule)
+            extra = read_checkpoint(resume).get("extra", {})
+            max_accuracy = float(extra.get("max_accuracy", 0.0))
+            criterion.load_guard_state(extra.get("mask_guard"))  # a fallback switch stays switched
+            print(f"Resumed from {resume}: continuing at epoch {args.start_epoch}")
 
         recorder = build.build_mask_recorder(args, criterion, teacher)
         print(f"Start training for {args.epochs} epochs")
@@ -124,8 +125,6 @@ def main(args) -> dict:
             if args.skip_bad_images and count_bad_images(args.output_dir):
                 print(f"skipped {count_bad_images(args.output_dir)} unreadable image(s) so far (--skip-bad-images), "
                       f"listed in {os.path.join(args.output_dir, BAD_IMAGES_LOG)}")
-            if recorder is not None:
-                recorder.end_epoch(epoch, is_last=epoch == args.epochs - 1)
             test_stats = evaluate(data.loader_val, model, device, amp_dtype=args.amp_dtype, reduce=args.dist_eval)
             max_accuracy = max(max_accuracy, test_stats["acc1"])
             print(f"Accuracy of the network on the {len(data.val)} test images: {test_stats['acc1']:.1f}%  "
@@ -142,18 +141,23 @@ def main(args) -> dict:
             switched = criterion.guard_state().get("switched")
             if switched:
                 log_stats["mask_guard_switch"] = {k: switched[k] for k in ("from", "to", "at_step")}
+            # Every rank's RNG streams, so that each resumes its own (a collective: every rank takes part).
+            rng_states = gather_rng_states() if output_dir else None
             if output_dir and dist_utils.is_main_process():
                 extra = {"max_accuracy": max_accuracy, "mask_guard": criterion.guard_state()}
                 save_training_state(output_dir / "checkpoint.pth", model=model_without_ddp, optimizer=optimizer,
                                     lr_scheduler=lr_scheduler, epoch=epoch, args=args, scaler=loss_scaler,
-                                    model_ema=model_ema, extra=extra, feature_heads=feature_heads, config=config)
+                                    model_ema=model_ema, extra=extra, feature_heads=feature_heads, config=config,
+                                    rng_states=rng_states)
                 if test_stats["acc1"] >= max_accuracy:
                     save_atomic({"model": model_without_ddp.state_dict(), "epoch": epoch},
                                 output_dir / "best_checkpoint.pth")
                 with (output_dir / "log.txt").open("a") as f:
                     f.write(json.dumps(log_stats) + "\n")
                 if args.plots:
-                    _draw_plots(output_dir)
+                    draw_safely("--plots", epoch, lambda: print(f"plots: {plot_run(output_dir)}"))
+            if recorder is not None:  # after the checkpoint: a picture that cannot be drawn costs no training
+                draw_safely("--mask-vis", epoch, lambda: recorder.end_epoch(epoch, is_last=epoch == args.epochs - 1))
             dist_utils.barrier()
         if args.start_epoch >= args.epochs:  # a finished run found in output_dir: report it instead of retraining
             print(f"Nothing to train: the checkpoint already covers {args.epochs} epochs")
@@ -165,16 +169,6 @@ def main(args) -> dict:
         if cost is not None:
             log_stats.update(_cost_stats(cost))
         return log_stats
-
-
-def _draw_plots(output_dir: Path) -> None:
-    # A picture is never worth a run: the checkpoint and log line above are already written.
-    try:
-        from .run_plots import plot_run
-        print(f"plots: {plot_run(output_dir)}")
-    except Exception as error:  # noqa: BLE001 (matplotlib, disk, fonts: whatever it is, training goes on)
-        print(f"warning: --plots could not draw {output_dir / 'masking.png'} ({type(error).__name__}: {error}); "
-              "training goes on")
 
 
 def _resolve_device(args) -> torch.device:
@@ -193,15 +187,58 @@ def _seed_everything(args) -> None:
     random.seed(seed)
 
 
+# The files a run writes in --output_dir (checked at start-up: a directory of one of these names would only fail
+# when the first epoch is done).
+OUTPUT_FILES = ("checkpoint.pth", "best_checkpoint.pth", "log.txt", "supervision_cost.json", BAD_IMAGES_LOG)
+
+
 def _claim_output_dir(args, run_scope: contextlib.ExitStack) -> None:
-    """Rank 0 proves --output_dir writable and locks it before anything is built; every rank learns the answer."""
+    """Rank 0 proves every output path writable (--output_dir, its files, --mask-vis) and locks --output_dir before
+    anything is built; every rank learns the answer."""
     error = None
-    if args.output_dir and dist_utils.is_main_process():
+    if dist_utils.is_main_process():
         try:
-            run_scope.enter_context(preflight.OutputDirLock(preflight.check_output_dir(args.output_dir)))
+            if args.output_dir:
+                directory = preflight.check_output_dir(args.output_dir)
+                run_scope.enter_context(preflight.OutputDirLock(directory))
+                from .run_plots import PLOT_NAME  # here: it imports matplotlib
+                preflight.check_output_files(directory, OUTPUT_FILES + (PLOT_NAME,))
+            if args.mask_vis and not args.eval:
+                preflight.check_output_dir(args.mask_vis, flag="--mask-vis")
         except preflight.RunError as refusal:
             error = refusal
     preflight.agree_across_ranks(error)
+
+
+def _check_weights_to_use(args, resume) -> None:
+    """Evaluating, or starting at a later epoch, needs the weights that make it true; refuse it without them."""
+    if args.eval:
+        if not resume and not args.finetune:
+            raise preflight.RunError(
+                "--eval evaluates trained weights, and none were given: pass --resume CHECKPOINT (a checkpoint.pth "
+                "or a weights file), --finetune WEIGHTS, or the --output_dir of a run that left checkpoint.pth; "
+                "otherwise the accuracy reported would be the randomly initialised student's")
+        return
+    if args.start_epoch and not resume:
+        raise preflight.RunError(
+            f"--start_epoch {args.start_epoch} but there is no checkpoint to resume (no --resume, no checkpoint.pth "
+            f"in --output_dir): epochs 0 to {args.start_epoch - 1} were never trained, so the run would "
+            + ("report a random model as finished" if args.start_epoch >= args.epochs
+               else f"train random weights from epoch {args.start_epoch}'s learning rate")
+            + "; pass --resume CHECKPOINT, or drop --start_epoch")
+
+
+def draw_safely(flag: str, epoch: int, draw) -> None:
+    """Run ``draw()`` (a picture of the run); if it fails, say so on one line and go on training.
+
+    Pictures are drawn after the epoch's checkpoint and log line are written, and their failure (a full disk,
+    a path that became a file, a matplotlib error) never stops a run.
+    """
+    try:
+        draw()
+    except (OSError, ValueError, RuntimeError) as error:
+        print(f"warning: {flag}: the pictures of epoch {epoch} could not be drawn ({type(error).__name__}: "
+              f"{error}); training goes on, the checkpoint and log are written")
 
 
 def _cost_stats(cost) -> dict:
@@ -210,12 +247,23 @@ def _cost_stats(cost) -> dict:
             "student_gflops_train": cost.student_train, "feature_heads_gflops_train": 3.0 * cost.feature_heads}
 
 
-def _check_resume_config(args, config: dict) -> None:
-    """A resume continues the same experiment: other experiment flags are refused unless --resume-anyway says so."""
-    resume = find_resume(args.output_dir, args.resume)
+def _check_resume_config(args, config: dict, resume) -> None:
+    """A resume continues the same experiment: other experiment flags are refused unless --resume-anyway says so.
+
+    Read before anything is built: a --resume that is no training state, or a --start_epoch that disagrees with the
+    checkpoint's epoch, is refused here rather than after the data and models are ready.
+    """
     if not resume or args.eval:
         return
-    saved = saved_config(resume)
+    state = read_checkpoint(resume)
+    require_training_state(state, source=resume)
+    continues_at = int(state["epoch"]) + 1
+    if args.start_epoch and args.start_epoch != continues_at:
+        raise preflight.RunError(
+            f"--start_epoch {args.start_epoch} but {resume} continues at epoch {continues_at}: a resume starts where "
+            "its checkpoint ended; drop --start_epoch")
+    saved = state.get("config")
+    saved = dict(saved) if isinstance(saved, dict) else None
     if saved is None:
         print(f"note: {resume} predates stored run configurations: its flags cannot be compared with this run's")
         return

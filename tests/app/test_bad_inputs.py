@@ -124,8 +124,8 @@ def test_no_train_mode_with_masking(teacher_ckpt, capsys):
 @pytest.mark.parametrize("tau", ["nan", "inf"])
 def test_non_finite_tau_on_the_command_line(tau, teacher_ckpt, capsys):
     # Before: accepted; the first non-finite loss was then blamed on the learning rate.
-    refused(FAST + STUDENT + distil(teacher_ckpt) + ["--distillation-tau", tau], capsys, f"tau={tau}",
-            "finite positive")
+    refused(FAST + STUDENT + distil(teacher_ckpt) + ["--distillation-tau", tau], capsys,
+            f"argument --distillation-tau: {tau} is not a finite number", "pass a finite number > 0")
 
 
 def test_student_built_for_other_channel_count(capsys):

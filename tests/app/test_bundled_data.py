@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-import main_maskedkd
+from maskedkd_app.args import get_args_parser
+from maskedkd_app.cli import cli
 from maskedkd_app import data as data_module
 from maskedkd_app.data import (BUNDLED, BundledImages, BundledSource, DataError, build_dataset, build_transform,
                                bundled_split, data_stats)
@@ -126,7 +127,7 @@ def test_hflip_sets_the_flip_probability():
     for value in (0.0, 0.3):  # the procedural pipeline's own flip
         procedural, _ = build_dataset(True, make_args(data_set="PROCEDURAL", hflip=value, procedural_train_size=8))
         assert _flips(procedural.transform) == [value]
-    default = main_maskedkd.get_args_parser().parse_args([])
+    default = get_args_parser().parse_args([])
     assert default.hflip == 0.5  # DeiT's behaviour unless asked
     assert _flips(build_transform(True, make_args(hflip=default.hflip))) == [0.5]
 
@@ -135,6 +136,6 @@ def test_hflip_outside_zero_one_is_one_line_exit_2(capsys):
     argv = ["--data-set", "DIGITS", "--hflip", "1.5", "--input-size", "32", "--batch-size", "8", "--epochs", "1",
             "--num_workers", "0", "--device", "cpu", "--no-flops", "--model", "deit_tiny_patch16_224",
             "--model-kwargs", "patch_size=8", "depth=1", "embed_dim=32", "num_heads=2"]
-    code = main_maskedkd.cli(argv)
+    code = cli(argv)
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "--hflip 1.5" in err[0] and "[0, 1]" in err[0]
+    assert code == 2 and len(err) == 1 and "--hflip: 1.5" in err[0] and "[0, 1]" in err[0]

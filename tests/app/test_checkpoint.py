@@ -191,10 +191,13 @@ def test_truncated_file_is_corrupt(suffix: str, source_model: nn.Module, tmp_pat
             load_teacher(tiny_vit(), str(bad))
 
 
-def test_garbage_file_is_corrupt(tmp_path: Path) -> None:
+def test_garbage_file_is_named_for_what_it_is(tmp_path: Path) -> None:
     (tmp_path / "g.pth").write_bytes(b"this is not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="g.pth: it is a text file \\(it starts 'this is not a checkpoint"):
         read_checkpoint(str(tmp_path / "g.pth"))
+    (tmp_path / "b.pth").write_bytes(bytes([7, 0, 200, 13, 0, 1]) * 10)
+    with pytest.raises(CheckpointError, match="b.pth: it is a 60-byte binary file of no checkpoint format"):
+        read_checkpoint(str(tmp_path / "b.pth"))
 
 
 def test_pickled_object_is_refused(tmp_path: Path) -> None:

@@ -167,7 +167,7 @@ def test_bad_input_messages(image_folder, teacher_ckpt, tmp_path, capsys):
     assert code == 2 and "does not fit" in err and "shape mismatches" in err
 
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    code, err = _cli(data(tmp_path / "empty") + base, capsys)
+    code, err = _cli(data(tmp_path / "empty") + FAST + STUDENT, capsys)
     assert code == 2 and "val" in err
 
     code, err = _cli(data(image_folder) + base + ["--distillation-type", "soft", "--teacher-path", str(teacher_ckpt),

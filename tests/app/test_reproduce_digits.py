@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from maskedkd_app import reproduce
+from maskedkd_app.args import parse_args
 from maskedkd_app.data import data_stats
 
 
@@ -16,9 +17,9 @@ def png_size(path):
 
 def test_digits_preset_trains_on_the_digits_without_flips_and_tells_the_teacher_their_statistics(tmp_path):
     p = reproduce.PRESETS["digits"]
-    teacher = reproduce._parse(reproduce.teacher_argv(p, device="cpu", root=tmp_path))
+    teacher = parse_args(reproduce.teacher_argv(p, device="cpu", root=tmp_path))
     arm = "MaskedKD mixed (half attention, half random), keep 0.5"
-    student = reproduce._parse(reproduce.arm_argv(arm, p=p, seed=2, device="cpu", out=tmp_path / "s",
+    student = parse_args(reproduce.arm_argv(arm, p=p, seed=2, device="cpu", out=tmp_path / "s",
                                                   teacher_path=tmp_path / "teacher.pth", mask_vis=None))
     for args in (teacher, student):
         assert args.data_set == "DIGITS" and args.hflip == 0.0 and args.aa == "" and args.input_size == 32
@@ -29,14 +30,14 @@ def test_digits_preset_trains_on_the_digits_without_flips_and_tells_the_teacher_
     assert student.distillation_tau == 1.0 and student.kd_reduction == "batchmean"
     assert teacher.model_kwargs["embed_dim"] == 96 and teacher.epochs == p["teacher_epochs"]
     # The procedural presets keep their own flags (and ImageNet statistics for a teacher trained here).
-    gpu = reproduce._parse(reproduce.arm_argv("full-teacher KD", p=reproduce.PRESETS["gpu"], seed=0, device="cpu",
+    gpu = parse_args(reproduce.arm_argv("full-teacher KD", p=reproduce.PRESETS["gpu"], seed=0, device="cpu",
                                               out=tmp_path / "g", teacher_path=tmp_path / "t.pth", mask_vis=None))
     assert gpu.data_set == "PROCEDURAL" and gpu.hflip == 0.5 and gpu.teacher_mean == [0.485, 0.456, 0.406]
 
 
-@pytest.mark.parametrize("preset, report, out, fixes", [("cpu", "REPRODUCTION.md", "output/reproduce", False),
-                                                        ("digits", "REPRODUCTION_DIGITS.md",
-                                                         "output/reproduce_digits", True)])
+@pytest.mark.parametrize("preset, report, out, fixes", [
+    ("cpu", "results/procedural/REPRODUCTION.md", "output/reproduce", False),
+    ("digits", "results/digits/REPRODUCTION_DIGITS.md", "output/reproduce_digits", True)])
 def test_preset_defaults(preset, report, out, fixes, monkeypatch):
     seen = {}
 
@@ -50,7 +51,7 @@ def test_preset_defaults(preset, report, out, fixes, monkeypatch):
     assert str(seen["root"]) == out
     assert all(arm in seen["arms"] for arm in reproduce.DEFAULT_ARMS)
     assert all((arm in seen["arms"]) == fixes for arm in reproduce.FIX_ARMS)
-    assert reproduce.PRESET_FILES.get(preset, ("REPRODUCTION.md", "output/reproduce")) == (report, out)
+    assert reproduce.PRESET_FILES[preset] == (report, out)
 
 
 def test_fig3_and_fig2_plots(tmp_path):

@@ -193,7 +193,7 @@ def test_fallback_switches_what_the_teacher_sees_and_resume_keeps_it(half_criter
     student = tiny(seed=1)
     crit = masked_loss(student, pooling_teacher(), mask_mode="blank", probe_every=1, mask_guard="fallback")
     blank = _fixed_half(right=True)(scores=None, batch_size=8, num_patches=16, num_keep=8, device="cpu")
-    assert run_steps(crit, student, steps=8)  # the 8th probe fills the window: the guard fires and switches
+    assert run_steps(crit, student, steps=8)  # a clear case: the guard fires and switches within 8 probes
     state = crit.guard_state()
     assert state["switched"]["from"] == "blank" and state["switched"]["to"] == "random"
     assert crit.masked_teacher.mask_mode == "random"
@@ -240,3 +240,32 @@ def test_timm_task_gets_the_same_guard_and_its_checkpoint_keeps_the_switch(half_
     resumed.load_task_state(state)
     assert resumed.masked_teacher.mask_mode == "random"
     assert resumed.masked_teacher.guard_state()["switched"]["from"] == "blank"
+
+
+def _probe_row(n, mask, random, both):
+    # images, agree_mask, agree_random, agree_both, kl_mask, kl_random, labelled, correct_full/mask/random
+    return quality_row([n, mask, random, both, 1.0, 0.5, 0, 0, 0, 0])
+
+
+def quality_row(values):
+    from deit_patch.quality import ProbeResult
+    return ProbeResult(torch.tensor(values, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("rows,fires", [
+    ([(8, 1, 7, 1), (8, 1, 7, 1)], True),     # 16 images, 12.5% vs 87.5%: clear at once
+    ([(8, 1, 7, 1)], False),                  # 8 images: fewer than min_images, no verdict yet
+    ([(8, 4, 5, 4)] * 8, False),              # 50% vs 62.5% on 64 images: a gap within noise
+    ([(8, 3, 6, 3)] * 8, True),               # 37.5% vs 75% on 64 images: beyond 10 points with 3 SE to spare
+    ([(8, 2, 2, 2)] * 8, True),               # random no better, but the chosen mask far from the full teacher
+])
+def test_guard_rule_is_a_paired_test_written_out(rows, fires):
+    from deit_patch.quality import MaskGuard
+    guard = MaskGuard()
+    verdicts = [guard.check(_probe_row(*r), reduce=lambda t: t) for r in rows]
+    n = sum(r[0] for r in rows[-8:])
+    m, r_, b = (sum(row[i] for row in rows[-8:]) / n for i in (1, 2, 3))
+    gap = r_ - m
+    gap_se = math.sqrt(max(r_ + m - 2 * b - gap ** 2, 0) / n)
+    expected = n >= 16 and (gap - 3 * gap_se >= 0.10 or m + 3 * math.sqrt(m * (1 - m) / n) < 0.5)
+    assert (verdicts[-1] is not None) == expected == fires
