@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deit_patch.capture import unwrap_model
 from deit_patch.cost import SupervisionCost, TokenMeter
 from deit_patch.features import build_feature_kd, heads_gflops
+from deit_patch.layout import unwrap_model
 from deit_patch.masked_teacher import DEFAULT_KEEP_RATIO, MaskedTeacher, TeacherStep, check_mask_mode
 from deit_patch.teacher_input import build_renorm, check_channels
 from deit_patch.teachers import find_family

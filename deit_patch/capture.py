@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from . import layout
-from .layout import unwrap_model, wrapper_chain  # noqa: F401  (re-exported: callers import them from here)
+from .layout import unwrap_model, wrapper_chain
 
 
 class CaptureError(RuntimeError):
@@ -150,11 +150,6 @@ def class_token_owner(model: nn.Module, attn: nn.Module, *, role: str = "student
             f"{role} {name}: its class/register tokens and its position embedding disagree on how many tokens "
             "precede the patches: use mask_mode='random'")
     return owner
-
-
-def expected_prefix_tokens(model: nn.Module) -> Optional[int]:
-    """Deprecated alias of ``layout.prefix_tokens`` (losses.py still imports it from here)."""
-    return layout.prefix_tokens(model)
 
 
 def _find_is_compiling() -> Optional[Callable[[], bool]]:

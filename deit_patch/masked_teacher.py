@@ -22,12 +22,14 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .capture import AttentionCapture, CaptureError, expected_prefix_tokens, unwrap_model
+from . import layout
+from .capture import AttentionCapture, CaptureError
 from .cost import SupervisionCost, TokenMeter, student_gflops, teacher_gflops
 from .masking import MASK_MODES, choose_patches, resolve_num_keep
 from .quality import FidelityProbe, MaskGuard, TeacherQuality
 from .teacher_input import InputRenorm, check_channels, check_resolution
-from .teachers import PrunedTeacher, find_family, pruned_forward, require_family, teacher_grid, verify_family
+from .layout import unwrap_model
+from .teachers import PrunedTeacher, UnsupportedTeacherError, find_family, pruned_forward, require_family, verify_family
 
 DEFAULT_KEEP_RATIO = 0.5  # the paper's 98 of 196 patches
 
@@ -63,8 +65,17 @@ def check_num_keep(num_keep: Any) -> None:
                         f"not {type(num_keep).__name__}")
 
 
+def _reference_grid(model: nn.Module) -> Optional[Tuple[int, int]]:
+    """The teacher's patch grid as built, or at a size it surely accepts when it has no built size (NaFlexViT);
+    None for a teacher without a patch grid we can tell (a CNN, Swin, PVT: unmasked, counted as DeiT runs it)."""
+    grid = layout.patch_grid(model)
+    if grid is None and layout.is_dynamic_size(model) and layout.probe_image_size(model) is not None:
+        grid = layout.patch_grid(model, layout.probe_image_size(model))
+    return grid
+
+
 def _has_patches(model: nn.Module) -> bool:
-    return hasattr(unwrap_model(model), "patch_embed")
+    return _reference_grid(model) is not None
 
 
 class MaskedTeacher(nn.Module):
@@ -135,15 +146,20 @@ class MaskedTeacher(nn.Module):
         masking_asked = self.mask_mode != NO_MASK and not (keep_ratio == 1.0 and num_keep is None)
         if masking_asked:
             family = require_family(teacher)
+            if not _has_patches(teacher):  # a registered family whose built grid cannot be told: never mask blind
+                raise UnsupportedTeacherError(
+                    f"teacher {type(unwrap_model(teacher)).__name__}: its patch grid cannot be told from its patch "
+                    "embedding (no grid_size / num_patches that agree), so the kept patches could not be placed: "
+                    "use keep_ratio=1.0 (unmasked, as DeiT) or build it with a fixed img_size")
         elif num_keep is not None and not _has_patches(teacher):
             raise ValueError("num_keep needs a teacher with patch tokens")
         self.keep_ratio, self.keep_count = keep_ratio, num_keep  # as asked; resolved per batch resolution
         if _has_patches(teacher):
             # Resolved at the resolution the teacher was built for: validates the request now, and is what the
             # cost table and describe() report.
-            grid = teacher_grid(teacher)
-            self.num_patches = grid[0] * grid[1]
-            if num_keep is not None and getattr(unwrap_model(teacher), "dynamic_img_size", False):
+            rows, cols = _reference_grid(teacher)
+            self.num_patches = rows * cols
+            if num_keep is not None and layout.is_dynamic_size(teacher):
                 # A dynamic-size teacher may meet larger batches than it was built for: an absolute count is
                 # checked against each batch's real patch count (keep_for), here only for being a count at all.
                 self.num_keep = resolve_num_keep(num_patches=max(self.num_patches, int(num_keep)), keep_ratio=None,
@@ -203,7 +219,12 @@ class MaskedTeacher(nn.Module):
         image_hw = (int(image_hw[0]), int(image_hw[1]))
         cached = self._keep_cache.get(image_hw)
         if cached is None:
-            grid = teacher_grid(self.teacher, image_hw)
+            grid = layout.patch_grid(self.teacher, image_hw)
+            if grid is None:
+                raise UnsupportedTeacherError(
+                    f"teacher {type(unwrap_model(self.teacher)).__name__} has no patch grid at "
+                    f"{image_hw[0]}x{image_hw[1]} px (it was built for {layout.built_image_size(self.teacher)}): "
+                    "feed it the resolution it was built for, or a teacher built with dynamic_img_size=True")
             patches = grid[0] * grid[1]
             try:
                 kept = resolve_num_keep(num_patches=patches, keep_ratio=self.keep_ratio, num_keep=self.keep_count)
@@ -417,10 +438,10 @@ class MaskedTeacher(nn.Module):
     def _count(self, images: torch.Tensor, *, kept: Optional[int], keep_idx: Optional[torch.Tensor],
                grid: Optional[Tuple[int, int]] = None) -> None:
         batch = images.shape[0]
-        if not _has_patches(self.teacher):
+        grid = grid or layout.patch_grid(self.teacher, tuple(images.shape[-2:]))
+        if grid is None:  # no patch tokens to count (a CNN, a hierarchical model): counted as DeiT runs it
             step = TeacherStep(batch=batch, num_patches=0, num_kept=0, num_prefix=0)
         else:
-            grid = grid or teacher_grid(self.teacher, tuple(images.shape[-2:]))
             patches = grid[0] * grid[1]
             prefix = self.prefix if self.masking else self._unmasked_prefix()
             step = TeacherStep(batch=batch, num_patches=patches, num_kept=patches if kept is None else kept,
@@ -431,7 +452,7 @@ class MaskedTeacher(nn.Module):
     def _unmasked_prefix(self) -> int:
         model = unwrap_model(self.teacher)
         family = find_family(model)  # timm < 0.6 distilled ViTs carry 2 prefix tokens and no num_prefix_tokens
-        return family.num_prefix(model) if family is not None else expected_prefix_tokens(model)
+        return family.num_prefix(model) if family is not None else (layout.prefix_tokens(model) or 0)
 
     # --- reporting and clean-up -----------------------------------------------------------------------------------
     def supervision_cost(self, *, img_size: Tuple[int, int], student: Optional[nn.Module] = None,

@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 
 from . import layout
-from .layout import input_channels  # noqa: F401  (deprecated here: maskedkd_app imports it from this module)
 from .layout import unwrap_model
 
 Stats = Tuple[Tuple[float, ...], Tuple[float, ...]]

@@ -195,23 +195,6 @@ class PrunedTeacher(nn.Module):
         return pruned_forward(self.teacher, images, keep_idx, self.family)
 
 
-# --- names the lead's callers still use; layout.py answers them now (remove once callers switch) -------------
-def teacher_grid(model: nn.Module, image_hw: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
-    """Deprecated alias: ``layout.patch_grid``, raising where that answers None (old callers index the result)."""
-    grid = layout.patch_grid(model, image_hw)
-    if grid is None:
-        raise UnsupportedTeacherError(
-            f"the patch grid of teacher {type(unwrap_model(model)).__name__}"
-            f"{'' if image_hw is None else f' at {tuple(image_hw)} px'} cannot be told from its patch embedding")
-    return grid
-
-
-def num_teacher_patches(model: nn.Module, image_hw: Optional[Tuple[int, int]] = None) -> int:
-    """Deprecated alias of ``layout.num_patches`` (raising where it answers None)."""
-    rows, cols = teacher_grid(model, image_hw)
-    return rows * cols
-
-
 # --- why a teacher cannot be masked -------------------------------------------------------------------------
 _WINDOWS = "window attention over a fixed feature map and downsampling between stages"
 _CONV_MAPS = "convolutional stages whose feature maps need every position"

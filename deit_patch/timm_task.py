@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .capture import unwrap_model
+from .layout import unwrap_model
 from .cost import SupervisionCost, TokenMeter
 from .masked_teacher import MaskedTeacher, check_mask_mode, check_num_keep
 from .quality import quality_summary

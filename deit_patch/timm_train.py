@@ -177,7 +177,8 @@ def _check_keep_fits(name: str, ours: argparse.Namespace) -> None:
     """The keep setting against the teacher's patch grid, read from the teacher built on the meta device."""
     import torch
     from timm import create_model, is_model
-    from .teachers import find_family, num_teacher_patches
+    from . import layout
+    from .teachers import find_family
     if not is_model(name):
         return  # a name train.py resolves some other way (hf-hub:, a local folder): checked when it is built
     try:
@@ -192,9 +193,9 @@ def _check_keep_fits(name: str, ours: argparse.Namespace) -> None:
             raise TimmTrainError(f"{flags}: the KD teacher {name} ({type(teacher).__name__}) has no patch tokens to "
                                  "mask; a CNN teacher runs unmasked, so drop the flag")
         return
-    patches = num_teacher_patches(teacher)
-    if ours.num_keep is not None and getattr(teacher, "dynamic_img_size", False) and ours.keep_ratio is None:
-        return  # a dynamic-size teacher's patch count is the batch's: checked per batch
+    patches = layout.num_patches(teacher)
+    if patches is None or (ours.num_keep is not None and layout.is_dynamic_size(teacher) and ours.keep_ratio is None):
+        return  # a size-following teacher's patch count is the batch's: checked per batch
     try:
         resolve_num_keep(num_patches=patches, keep_ratio=ours.keep_ratio, num_keep=ours.num_keep)
     except ValueError as error:
@@ -226,7 +227,7 @@ def build_named_teacher(masked: type, args: tuple, kwargs: Dict[str, object],
     (pretrained, a local file through the pretrained config, the student's classes and channels) plus them.
     """
     from timm.models import create_model
-    from .capture import unwrap_model
+    from .layout import unwrap_model
     from .timm_task import bind_task_args, weights_error
     bound = bind_task_args(masked, args, kwargs)
     name = bound.get("teacher_model")

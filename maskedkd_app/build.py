@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from deit_patch.capture import CaptureError
 from deit_patch.teacher_input import model_stats, stats_differ
-from deit_patch.teachers import find_family, teacher_grid
+from deit_patch.layout import patch_grid
+from deit_patch.teachers import find_family
 from losses import MaskedDistillationLoss
 
 from . import distributed as dist_utils
@@ -298,4 +299,4 @@ def build_mask_recorder(args, criterion, teacher):
                                  "--mask-vis, or mask (--keep-ratio below 1 with a ViT-family teacher)")
     from .maskvis import MaskRecorder
     mean, std = data_stats(args)
-    return MaskRecorder(args.mask_vis, teacher_grid(teacher), mean=mean, std=std)
+    return MaskRecorder(args.mask_vis, patch_grid(teacher), mean=mean, std=std)

@@ -26,7 +26,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
-from deit_patch.capture import unwrap_model
+from deit_patch.layout import unwrap_model
 
 from . import filekinds
 

@@ -366,8 +366,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.manual_seed(0)
     teacher, targs = load_teacher(p, root)
     x, y, raw = val_images(targs, args.images)
-    from deit_patch.teachers import teacher_grid
-    grid = teacher_grid(teacher)
+    from deit_patch.layout import patch_grid
+    grid = patch_grid(teacher)
     ink, border = patch_means(raw, grid), border_patches(grid)
     full = teacher_predictions(teacher, x, None)
     from .data import data_stats

@@ -255,7 +255,7 @@ def create_model_checked(name: str, *, flag: str, kwargs_flag: str, extra: Mappi
 
 def check_data_channels(model: nn.Module, *, flag: str, kwargs_flag: str, channels: int = 3) -> None:
     """Every data set here yields RGB images: refuse a model built for another channel count before it trains."""
-    from deit_patch.teacher_input import input_channels
+    from deit_patch.layout import input_channels
     expected = input_channels(model)
     if expected is not None and expected != channels:
         raise RunError(f"{flag} takes {expected}-channel images but the data pipeline yields {channels}-channel RGB "

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from tinymodels import TIMM_CHECKPOINT_NON_REENTRANT, tiny
-from deit_patch.capture import AttentionCapture, CaptureError, unwrap_model
+from deit_patch.capture import AttentionCapture, CaptureError
+from deit_patch.layout import unwrap_model
 
 
 def explicit_cls_attention(model, x):

@@ -195,17 +195,11 @@ def student_for(entry: TinyBuild) -> nn.Module:
     return tiny("deit_tiny_patch16_224", img_size=entry.img, patch_size=entry.img // 4, seed=1)
 
 
-LOSS_XFAIL = {  # losses.py (not this branch's to edit) decides maskability by hasattr(teacher, "patch_embed")
-    "naflexvit": "NaFlexViT's patch embedding is `embeds`: the lead's MaskedTeacher must ask layout.patch_grid",
-    "naflexvit_cls": "NaFlexViT's patch embedding is `embeds`: the lead's MaskedTeacher must ask layout.patch_grid",
-}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_masked_training_step_through_the_loss(case):
     from losses import MaskedDistillationLoss
-    if case in LOSS_XFAIL:
-        pytest.xfail(LOSS_XFAIL[case])
     model = build(case)
     entry, _ = CASES[case]
     student = student_for(entry)

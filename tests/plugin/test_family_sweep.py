@@ -56,11 +56,6 @@ def test_family_distils_unmasked(family, request):
             MaskedDistillationLoss(nn.CrossEntropyLoss(), teacher, "soft", 0.5, 1.0, student=student,
                                    keep_ratio=1.0, **STATS)
         return
-    if hasattr(teacher, "patch_embed") and layout.patch_grid(teacher) is None:
-        # losses.py (the lead's to change) still reads teacher_grid() whenever a teacher has a patch_embed
-        request.node.add_marker(pytest.mark.xfail(strict=True, raises=UnsupportedTeacherError, reason=(
-            "losses.py asks teachers.teacher_grid for any teacher with a patch_embed, even unmasked: the "
-            "MaskedTeacher refactor must ask layout.patch_grid and accept None")))
     loss_fn = MaskedDistillationLoss(nn.CrossEntropyLoss(), teacher, "soft", 0.5, 1.0, student=student,
                                      keep_ratio=1.0, **STATS)
     assert not loss_fn.masking

@@ -44,14 +44,14 @@ def test_dynamic_img_pad_grid_counts_the_padded_row_and_column():
     assert layout.patch_grid(model, (36, 36)) == (5, 5)
 
 
-def test_teacher_grid_alias_follows_dynamic_img_pad():
-    # teachers.teacher_grid is what losses.py asks for the keep count; it used to floor (4 x 4 of a 5 x 5 grid).
-    from deit_patch.teachers import teacher_grid
+def test_masked_teacher_keep_follows_dynamic_img_pad():
+    # The keep count per batch is taken on the padded grid; it used to floor (4 x 4 of a 5 x 5 grid).
+    from deit_patch.masked_teacher import MaskedTeacher
     try:
         model = tiny("vit_small_patch16_224", dynamic_img_size=True, dynamic_img_pad=True)
     except TypeError:
         pytest.skip(f"timm {timm.__version__} has no dynamic_img_pad")
-    assert teacher_grid(model, (36, 36)) == (5, 5)
+    assert MaskedTeacher(model, keep_ratio=0.5, mask_mode="random").keep_for((36, 36)) == ((5, 5), 12)
 
 
 def test_masked_loss_keeps_patches_from_the_padded_grid():
