@@ -178,11 +178,29 @@ def _in_backward() -> bool:
     return task_id is not None and task_id() != -1
 
 
-class _ScoreHook:
+class InertHook:
+    """What a plugin hook becomes in a pickled model (``torch.save(student)``): a hook that does nothing."""
+
+    def __call__(self, module: nn.Module, inputs, output) -> None:
+        return None
+
+
+class WeakRefHook:
+    """Base of the plugin's forward hooks: weak references to their owner, and picklable as an ``InertHook``.
+
+    A weak reference cannot be pickled, and a saved model must not carry the loss along anyway: the saved copy's
+    hook does nothing, while the live model keeps its working hook.
+    """
+
+    def __reduce__(self):
+        return InertHook, ()
+
+
+class _ScoreHook(WeakRefHook):
     """Forward hook bound to one module and one capture by weak references.
 
-    ``copy.deepcopy`` treats weak references as atomic, so a deep-copied model (an EMA copy) carries a hook that
-    still points at the original module: it sees a different module, returns at once and never writes into the loss.
+    A deep-copied model (an EMA copy) or a pickled one gets an ``InertHook`` in its place (``copy.deepcopy`` goes
+    through ``__reduce__`` too), so it never writes into the loss; the module check below is a second guard.
     """
 
     def __init__(self, capture: "AttentionCapture", module: nn.Module):

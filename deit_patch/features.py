@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from . import layout
-from .capture import _in_backward
+from .capture import WeakRefHook, _in_backward
 from .layout import unwrap_model
 
 
@@ -98,11 +98,11 @@ def patch_tokens(tokens: torch.Tensor, *, num_patches: int, allowed_prefix: Sequ
     return tokens[:, prefix:]
 
 
-class _FeatureHook:
+class _FeatureHook(WeakRefHook):
     """Forward hook writing one module's output into a ``StudentFeatures``; weak references, as ``_ScoreHook``.
 
-    A deep-copied model (an EMA copy) carries a copy of this hook whose module reference still points at the
-    original module, so the copy's forwards return at once and never touch the loss.
+    A deep-copied (an EMA copy) or pickled model carries an ``InertHook`` in its place, so the copy's forwards never
+    touch the loss.
     """
 
     def __init__(self, owner: "StudentFeatures", module: nn.Module, key: int):

@@ -6,6 +6,7 @@ normalisation and applying the other is a per-channel affine map, ``x * scale + 
 """
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -56,9 +57,19 @@ def resolve_stats(*, mean: Optional[Sequence[float]], std: Optional[Sequence[flo
     base, source = (from_model, "pretrained_cfg") if from_model is not None else (fallback, "default")
     if mean is not None or std is not None:
         source = "explicit"
-    stats = (tuple(float(m) for m in (mean if mean is not None else base[0])),
-             tuple(float(s) for s in (std if std is not None else base[1])))
-    if len(stats[0]) != len(stats[1]) or any(s <= 0 for s in stats[1]):
+    given_mean = mean if mean is not None else base[0]
+    given_std = std if std is not None else base[1]
+    try:
+        stats = (tuple(float(m) for m in given_mean), tuple(float(s) for s in given_std))
+    except (TypeError, ValueError):
+        raise TeacherInputError(f"{side}_mean={given_mean!r} / {side}_std={given_std!r} must be sequences of numbers, "
+                                "one per channel (e.g. (0.485, 0.456, 0.406))") from None
+    # An infinite std maps every input to zero and a NaN mean poisons every logit: both are caught here, by name,
+    # instead of surfacing later as a NaN loss blamed on the learning rate.
+    if not all(math.isfinite(v) for v in stats[0] + stats[1]):
+        raise TeacherInputError(f"{side}_mean={stats[0]} / {side}_std={stats[1]} contain NaN or inf: pass finite "
+                                "per-channel statistics (those the model's weights were trained with)")
+    if not stats[0] or len(stats[0]) != len(stats[1]) or any(s <= 0 for s in stats[1]):
         raise TeacherInputError(f"{side} statistics {stats} are invalid: mean and std need one value per channel "
                                 "and std must be positive")
     return stats, source

@@ -82,3 +82,21 @@ def test_non_finite_numbers_are_refused_naming_the_argument(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         MaskedDistillationLoss(nn.CrossEntropyLoss(), tiny(seed=2), "soft", alpha, 1.0, student=tiny(seed=1),
                                **kwargs)
+
+
+def test_hooked_student_can_be_saved_whole_and_its_copy_leaves_the_loss_alone(tmp_path):
+    # torch.save(student) used to fail on the hooks' weak references while the loss (with ViTKD) was attached.
+    student, teacher = tiny(seed=1), tiny(seed=2)
+    crit = MaskedDistillationLoss(nn.CrossEntropyLoss(), teacher, "soft", 0.5, 1.0, student=student,
+                                  keep_ratio=0.5, feature_kd="vitkd", teacher_mean=(0.5,) * 3, teacher_std=(0.5,) * 3,
+                                  student_mean=(0.5,) * 3, student_std=(0.5,) * 3)
+    x, y = data()
+    torch.save(student, tmp_path / "student.pt")
+    loaded = torch.load(tmp_path / "student.pt", weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), student.eval()(x))
+    loaded.train()(x)  # the saved copy's hooks are inert: nothing reaches the live loss
+    with pytest.raises(Exception, match="no student attention was captured"):
+        crit(x, torch.zeros(4, NUM_CLASSES), y)
+    loss = crit(x, student.train()(x), y)  # the live student's hooks still work
+    assert torch.isfinite(loss) and crit.last_step.keep_idx.shape == (4, 8)

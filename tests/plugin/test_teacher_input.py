@@ -77,3 +77,18 @@ def test_distillation_loss_converts_only_when_asked():
 def test_half_given_statistics_are_refused():
     with pytest.raises(TeacherInputError, match="given together"):
         build_renorm(student=None, teacher=nn.Linear(2, 2), teacher_mean=(0.5, 0.5, 0.5))
+
+
+@pytest.mark.parametrize("stats, match", [
+    (dict(teacher_mean=(0.5, 0.5, 0.5), teacher_std=(0.5, float("inf"), 0.5)), "NaN or inf"),
+    (dict(teacher_mean=(float("nan"), 0.5, 0.5), teacher_std=(0.5, 0.5, 0.5)), "NaN or inf"),
+    (dict(student_mean=(0.5, 0.5, 0.5), student_std=(0.5, 0.5, float("inf"))), "NaN or inf"),
+    (dict(teacher_mean=("a", 0.5, 0.5), teacher_std=(0.5, 0.5, 0.5)), "sequences of numbers"),
+    (dict(teacher_mean=(0.5, 0.5, 0.5), teacher_std=(0.5, 0.0, 0.5)), "positive"),
+])
+def test_non_finite_or_non_numeric_statistics_are_refused_by_name(stats, match):
+    # An infinite teacher_std used to turn every teacher input into zeros, a NaN mean every logit into NaN.
+    student, teacher = tiny(), tiny("vit_small_patch16_224")
+    with pytest.raises(TeacherInputError, match=match) as info:
+        MaskedDistillationLoss(nn.CrossEntropyLoss(), teacher, "soft", 0.5, 1.0, student=student, **stats)
+    assert next(iter(stats)).split("_")[0] in str(info.value)
