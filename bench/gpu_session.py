@@ -430,8 +430,6 @@ def print_plan(opts: argparse.Namespace) -> int:
             fits = used + max(part.item_min_s, expected) <= part.budget_s and clock + expected <= \
                 DEFAULT_MAX_WALL_S - RESERVE_S
             note = "runs" if fits else "skipped by the time budget"
-            if spec == eva:
-                note += " (if the plugin masks EVA by then)"
             if fits:
                 used += expected
                 clock += expected
