@@ -248,13 +248,10 @@ def input_channels(model: Optional[nn.Module]) -> Optional[int]:
     projects the stem's 64 channels, not the image: (a) finds the stem's first convolution, and without a config
     the answer is None rather than the projection's 64.
     """
-    if model is None:
-        return None
-    model = unwrap_model(model)
-    embed = _patch_embed(model)
+    embed = _patch_embed(model) if model is not None else None  # _patch_embed looks through DDP / compile
     if embed is None:
         return None
-    conv = _first_conv_from_cfg(model, embed)
+    conv = _first_conv_from_cfg(unwrap_model(model), embed)
     if conv is None:
         convs = [m for m in embed.modules() if isinstance(m, nn.modules.conv._ConvNd)]
         proj = getattr(embed, "proj", None)
