@@ -314,7 +314,15 @@ class ViTKD(nn.Module):
         s_model, t_model = unwrap_model(student), unwrap_model(teacher)
         self.student_features = StudentFeatures(s_model, layers)
         self.teacher_features = TeacherFeatures(t_model, layers, block_prefix=teacher_prefix)
-        t_grid = layout.patch_grid(self.teacher_features.model)
+        t_model_tokens = self.teacher_features.model
+        s_size = layout.built_image_size(self.student_features.model)
+        # A size-following teacher (NaFlexViT has no built size at all) is compared at the student's input size.
+        t_grid = (layout.patch_grid(t_model_tokens, s_size) if s_size is not None and layout.is_dynamic_size(
+            t_model_tokens) else layout.patch_grid(t_model_tokens))
+        if t_grid is None:
+            raise FeatureKDError(f"teacher {type(t_model_tokens).__name__}: its patch grid cannot be told from its "
+                                 "patch embedding, and ViTKD pairs its tokens with the student's position by "
+                                 "position: use feature_kd=None (logit KD still works)")
         if t_grid != self.student_features.grid:
             raise FeatureKDError(f"ViTKD pairs student and teacher tokens position by position, but the student's "
                                  f"patch grid is {self.student_features.grid} and the teacher's {t_grid}: use models "

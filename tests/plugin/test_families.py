@@ -235,7 +235,7 @@ def test_pruned_forward_has_an_fvcore_cost_below_the_full_one(case):
     assert everything == pytest.approx(full, rel=0.1)  # the pruned forward at keep-all costs the model's own
 
 
-@pytest.mark.parametrize("case", ["eva02", "dinov3_registers", "beit", "vit_relpos_cls"])
+@pytest.mark.parametrize("case", ["eva02", "dinov3_registers", "beit", "vit_relpos_cls", "naflexvit", "xcit"])
 def test_vitkd_features_on_a_masked_teacher(case):
     from losses import MaskedDistillationLoss
     model = build(case)
@@ -248,8 +248,7 @@ def test_vitkd_features_on_a_masked_teacher(case):
                                      teacher_mean=(0.5,) * 3, teacher_std=(0.5,) * 3, student_mean=(0.5,) * 3,
                                      student_std=(0.5,) * 3)
     loss = loss_fn(x, student.train()(x), y)
-    pop = getattr(loss_fn, "pop_stats", None) or loss_fn.pop_loss_terms  # the name after / before the refactor
-    terms = pop()
+    terms = loss_fn.pop_stats()
     loss.backward()
     assert torch.isfinite(loss) and terms["loss_vitkd_mimic"] > 0 and terms["loss_vitkd_gen"] > 0
 
@@ -300,3 +299,14 @@ def test_a_family_that_forgets_to_move_its_rotary_table_is_refused():
         verify_family(model, dataclasses.replace(family, forward=forgetful))
     verify_family(model, family)
 
+
+
+def test_vitkd_on_a_teacher_without_vit_blocks_is_refused_by_name():
+    from deit_patch.features import FeatureKDError
+    from losses import MaskedDistillationLoss
+    model = build("hiera")
+    entry, _ = CASES["hiera"]
+    with pytest.raises(FeatureKDError, match="Hiera.+feature_kd"):
+        MaskedDistillationLoss(nn.CrossEntropyLoss(), model, "soft", 0.5, 1.0, student=student_for(entry),
+                               keep_ratio=0.5, feature_kd="vitkd", teacher_mean=(0.5,) * 3, teacher_std=(0.5,) * 3,
+                               student_mean=(0.5,) * 3, student_std=(0.5,) * 3)
