@@ -8,7 +8,7 @@ repetition (the starting one rotates) so drifting load hits them alike; figures 
 Teachers have random weights: time and FLOPs do not depend on the values.
 
   python -m bench.bench_family_teachers                      # CPU: 224 px, batch 8, ~minutes
-  python -m bench.bench_family_teachers --iters 10 --json bench_family_teachers.json
+  python -m bench.bench_family_teachers --iters 20 --json bench_family_teachers.json
 """
 from __future__ import annotations
 
@@ -16,10 +16,8 @@ import argparse
 import datetime
 import json
 import platform
-import statistics
-import time
 import warnings
-from typing import Callable, Dict, List
+from typing import Callable, List
 
 import timm
 import torch
@@ -30,6 +28,8 @@ from deit_patch.cost import teacher_gflops
 from deit_patch.teachers import find_family, pruned_forward
 from losses import MaskedDistillationLoss
 
+from .timing import Clock, interleaved, paired_ratio
+
 # name -> (timm model, constructor overrides): real architectures at 224 px; BEiT at ViT-S width (timm only has
 # BEiT-B/L, too slow for a CPU step), with its per-block relative position bias as beit_base uses it.
 TEACHERS = {
@@ -38,20 +38,6 @@ TEACHERS = {
     "beit_small (rel. pos. bias)": ("beit_base_patch16_224", dict(embed_dim=384, num_heads=6)),
 }
 STATS = dict(teacher_mean=(0.5,) * 3, teacher_std=(0.5,) * 3, student_mean=(0.5,) * 3, student_std=(0.5,) * 3)
-
-
-def median_times(variants: Dict[str, Callable[[], None]], *, iters: int, warmup: int) -> Dict[str, float]:
-    names = list(variants)
-    for _ in range(warmup):
-        for name in names:
-            variants[name]()
-    times: Dict[str, List[float]] = {name: [] for name in names}
-    for rep in range(iters):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
-            start = time.perf_counter()
-            variants[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def bench_teacher(label: str, model_name: str, overrides: dict, *, batch: int, iters: int, warmup: int) -> dict:
@@ -85,9 +71,10 @@ def bench_teacher(label: str, model_name: str, overrides: dict, *, batch: int, i
                 teacher(x) if kept is None else pruned_forward(teacher, x, kept, family)
         return run
 
-    steps = median_times({"full": step(1.0), "masked": step(0.5)}, iters=iters, warmup=warmup)
-    forwards = median_times({"full": teacher_forward(None), "masked": teacher_forward(keep_idx)}, iters=iters,
-                            warmup=warmup)
+    clock = Clock(torch.device("cpu"))
+    steps = interleaved({"full": step(1.0), "masked": step(0.5)}, iters=iters, warmup=warmup, clock=clock)
+    forwards = interleaved({"full": teacher_forward(None), "masked": teacher_forward(keep_idx)}, iters=iters,
+                           warmup=warmup, clock=clock)
     for loss in losses.values():
         loss.remove_hooks()
     return {
@@ -96,8 +83,9 @@ def bench_teacher(label: str, model_name: str, overrides: dict, *, batch: int, i
         "params_m": sum(p.numel() for p in teacher.parameters()) / 1e6,
         "gflops_full": teacher_gflops(teacher, img_size=img, num_keep=None),
         "gflops_masked": teacher_gflops(teacher, img_size=img, num_keep=num_keep),
-        "step_s_full": steps["full"], "step_s_masked": steps["masked"],
-        "teacher_fwd_s_full": forwards["full"], "teacher_fwd_s_masked": forwards["masked"],
+        "step_s_full": steps["full"].median / 1e3, "step_s_masked": steps["masked"].median / 1e3,
+        "step_speedup_paired": paired_ratio(steps["full"], steps["masked"]),
+        "teacher_fwd_s_full": forwards["full"].median / 1e3, "teacher_fwd_s_masked": forwards["masked"].median / 1e3,
     }
 
 
@@ -109,14 +97,14 @@ def table(rows: List[dict]) -> str:
         lines.append(f"{r['teacher']:<28} {r['family']:<7} {r['num_keep']:>3}/{r['patches']:<4} "
                      f"{r['gflops_full']:>11.2f} {r['gflops_masked']:>7.2f} {r['teacher_fwd_s_full']:>15.3f}s "
                      f"{r['teacher_fwd_s_masked']:>6.3f}s {r['step_s_full']:>8.3f}s {r['step_s_masked']:>6.3f}s "
-                     f"{r['step_s_full'] / r['step_s_masked']:>12.2f}x")
+                     f"{r['step_speedup_paired']:>12.2f}x")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument("--json", default="bench_family_teachers.json", help="where to write the results")
@@ -129,8 +117,8 @@ def main() -> None:
         rows.append(bench_teacher(label, name, overrides, batch=args.batch, iters=args.iters, warmup=args.warmup))
         print(f"[{label} done]", flush=True)
     print(f"CPU, torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads, batch "
-          f"{args.batch}, median of {args.iters}; student deit_tiny_patch16_224; step = forward + loss + backward "
-          "+ AdamW")
+          f"{args.batch}, median of {args.iters} interleaved; speed-up = median of paired ratios; student "
+          "deit_tiny_patch16_224; step = forward + loss + backward + AdamW")
     print(table(rows))
     with open(args.json, "w") as handle:
         json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": "cpu",
