@@ -45,6 +45,7 @@ def main(args) -> dict:
         preflight.check_input_files({"--resume": args.resume, "--finetune": args.finetune,
                                      "--teacher-path": args.teacher_path if args.distillation_type != "none" else ""})
         resume = find_resume(args.output_dir, args.resume)
+        _check_resume_target(args)
         _check_weights_to_use(args, resume)
         _check_resume_config(args, config, resume)
 
@@ -160,7 +161,8 @@ def main(args) -> dict:
                 draw_safely("--mask-vis", epoch, lambda: recorder.end_epoch(epoch, is_last=epoch == args.epochs - 1))
             dist_utils.barrier()
         if args.start_epoch >= args.epochs:  # a finished run found in output_dir: report it instead of retraining
-            print(f"Nothing to train: the checkpoint already covers {args.epochs} epochs")
+            print(f"Nothing to train: the checkpoint already covers {args.start_epoch} epochs (--epochs "
+                  f"{args.epochs})")
             test_stats = evaluate(data.loader_val, model, device, amp_dtype=args.amp_dtype, reduce=args.dist_eval)
             log_stats = {f"test_{k}": v for k, v in test_stats.items()}
         total = str(datetime.timedelta(seconds=int(time.time() - start_time)))
@@ -201,6 +203,7 @@ def _claim_output_dir(args, run_scope: contextlib.ExitStack) -> None:
             if args.output_dir:
                 directory = preflight.check_output_dir(args.output_dir)
                 run_scope.enter_context(preflight.OutputDirLock(directory))
+                _remove_interrupted_writes(directory)
                 from .run_plots import PLOT_NAME  # here: it imports matplotlib
                 preflight.check_output_files(directory, OUTPUT_FILES + (PLOT_NAME,))
             if args.mask_vis and not args.eval:
@@ -208,6 +211,32 @@ def _claim_output_dir(args, run_scope: contextlib.ExitStack) -> None:
         except preflight.RunError as refusal:
             error = refusal
     preflight.agree_across_ranks(error)
+
+
+def _check_resume_target(args) -> None:
+    """``--resume`` from elsewhere into an --output_dir that holds another run: its checkpoint.pth and
+    best_checkpoint.pth were overwritten and its log.txt got the resumed epochs a second time (0 1 2 1 2)."""
+    if not args.resume or args.eval or not args.output_dir or "://" in args.resume:
+        return
+    own = os.path.join(args.output_dir, "checkpoint.pth")
+    if os.path.isfile(own) and os.path.isfile(args.resume) and not os.path.samefile(own, args.resume):
+        raise preflight.RunError(
+            f"--resume {args.resume} into --output_dir {args.output_dir}, which holds another run's checkpoint.pth: "
+            "it would be overwritten and log.txt would repeat epochs; pass a new --output_dir, or drop --resume to "
+            f"continue the run in {args.output_dir}")
+
+
+def _remove_interrupted_writes(directory: Path) -> None:
+    """Delete the temp files of checkpoint writes a killed run left (``save_atomic``'s ``.checkpoint.pth.*.tmp``).
+
+    The kill left the previous checkpoint whole, but each such file is a full checkpoint's size: a run killed and
+    restarted over and over (preemption) would fill the disk with them. Called under the --output_dir lock, so no
+    live run is writing them.
+    """
+    for name in ("checkpoint.pth", "best_checkpoint.pth"):
+        for stale in Path(directory).glob(f".{name}.*.tmp"):
+            stale.unlink()
+            print(f"removed {stale}: an unfinished checkpoint write of an interrupted run")
 
 
 def _check_weights_to_use(args, resume) -> None:
