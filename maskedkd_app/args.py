@@ -48,7 +48,7 @@ def _model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-ema", action="store_true")
     g.add_argument("--no-model-ema", action="store_false", dest="model_ema")
     p.set_defaults(model_ema=True)
-    g.add_argument("--model-ema-decay", type=probability, default=0.99996)
+    g.add_argument("--model-ema-decay", type=rate, default=0.99996)  # 1.0 froze the EMA at the init
     g.add_argument("--model-ema-force-cpu", action="store_true", default=False)
 
 
@@ -322,6 +322,15 @@ def check_combinations(args: argparse.Namespace) -> None:
     if not args.eval and _mixup_active(args) and args.batch_size % 2:
         refuse(f"--batch-size {args.batch_size} is odd, and timm's mixup/cutmix pairs the images of a batch: pass "
                f"an even --batch-size (e.g. {args.batch_size + 1}), or --mixup 0 --cutmix 0")
+    for flag, dest in (("--cooldown-epochs", "cooldown_epochs"), ("--patience-epochs", "patience_epochs")):
+        # The loop trains exactly --epochs (timm counts a cooldown after them), and plateau is refused: DeiT's
+        # defaults (10) and 0 say the same thing; any other value was silently ignored.
+        if getattr(args, dest) not in (0, get_args_parser().get_default(dest)):
+            refuse(f"{flag} {getattr(args, dest)} has no effect here: the run trains exactly --epochs epochs on "
+                   f"--sched {args.sched}; drop {flag} (to train longer, raise --epochs)")
+    if args.bce_loss and not args.eval and not _mixup_active(args):
+        refuse("--bce-loss trains on the soft targets of mixup/cutmix, and both are off (the first step failed on "
+               "integer labels): turn --mixup or --cutmix on, or drop --bce-loss")
     if args.keep_schedule != "none" and args.keep_schedule_epochs is not None and not args.eval \
             and args.keep_schedule_epochs >= args.epochs:
         refuse(f"--keep-schedule-epochs {args.keep_schedule_epochs} is not below --epochs {args.epochs}: the "
@@ -378,7 +387,8 @@ def _check_launch(args: argparse.Namespace) -> None:
 
 
 # The loop steps the schedule by epoch, with no metric: 'plateau' would never lower the lr, 'none' has no step.
-EPOCH_SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly")
+# 'multistep' is left out: its milestones are timm's fixed 30 60 here (no flag sets them).
+EPOCH_SCHEDULES = ("cosine", "tanh", "step", "poly")
 
 
 def _check_optimizer_and_schedule(args: argparse.Namespace) -> None:
@@ -487,6 +497,7 @@ IGNORED_UNLESS: Tuple[Tuple[Tuple[str, ...], Callable[[argparse.Namespace], bool
     (("procedural_train_size", "procedural_val_size", "procedural_label_noise"),
      lambda a: str(a.data_set).upper() == "PROCEDURAL", "--data-set PROCEDURAL"),
     (("warmup_lr",), lambda a: a.warmup_epochs > 0, "--warmup-epochs 1 or more"),
+    (("decay_epochs", "decay_rate"), lambda a: a.sched == "step", "--sched step"),
 )
 
 
