@@ -180,3 +180,35 @@ def test_a_second_demo_into_the_same_directory_says_what_it_reused(tmp_path, cap
     out = capsys.readouterr().out
     assert "holds an earlier demo" in out and "earlier run |" in out
     assert all(arm["seconds"] is None for arm in summary["arms"].values())
+
+
+def test_a_log_line_ahead_of_the_checkpoint_is_not_doubled_on_resume(tmp_path, capsys):
+    # A run stopped after writing epoch 1's log line (or half of it) but before its checkpoint: the resume trains
+    # epoch 1 again, and appended a second epoch-1 line (and kept the broken one) to log.txt.
+    out = tmp_path / "run"
+    code, err, _ = run_cli(BASE + ["--output_dir", out], capsys)
+    assert code == 0, err
+    with (out / "log.txt").open("a") as f:
+        f.write(json.dumps({"epoch": 1, "test_acc1": 99.0}) + "\n" + '{"train_loss": 2.3, "te')
+    code, err, stdout = run_cli(set_flag(BASE, "--epochs", "2") + ["--output_dir", out], capsys)
+    assert code == 0, err
+    assert [json.loads(line)["epoch"] for line in log_lines(out)] == [0, 1]
+    assert len((out / "log.superseded.txt").read_text().splitlines()) == 2 and "moved to" in stdout
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--bce-loss"], "--bce-loss trains on the soft targets of mixup/cutmix"),  # failed at the first step
+    (["--model-ema-decay", "1.0"], "argument --model-ema-decay: 1.0 is out of range"),  # EMA frozen at the init
+    (["--decay-epochs", "3"], "--decay-epochs 3.0 has no effect without --sched step"),  # cosine ignores it
+    (["--sched", "step", "--decay-epochs", "2", "--decay-rate", "0.5"], None),
+    (["--sched", "multistep"], "--sched 'multistep'"),  # its milestones stayed timm's 30 60
+    (["--cooldown-epochs", "20"], "--cooldown-epochs 20 has no effect"),  # the loop trains exactly --epochs
+    (["--cooldown-epochs", "0"], None),  # what the recipes pass: says the same as the run does
+])
+def test_schedule_and_loss_flags_that_would_be_ignored_or_fail(extra, says, tmp_path, capsys):
+    argv = BASE + extra + ["--output_dir", tmp_path]
+    if says is None:
+        code, err, _ = run_cli(argv, capsys)
+        assert code == 0, err
+    else:
+        refused(argv, capsys, says)
