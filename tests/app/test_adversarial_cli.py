@@ -212,3 +212,18 @@ def test_schedule_and_loss_flags_that_would_be_ignored_or_fail(extra, says, tmp_
         assert code == 0, err
     else:
         refused(argv, capsys, says)
+
+
+def test_reproduce_into_another_output_dir_leaves_the_shipped_report_alone(tmp_path):
+    # A trial run with its own --output-dir (here: nothing trained) overwrote results/procedural/REPRODUCTION.md.
+    from tinymodels import ROOT
+    from maskedkd_app import reproduce
+    shipped = os.path.join(ROOT, "results", "procedural", "REPRODUCTION.md")
+    before = open(shipped).read()
+    try:
+        reproduce.main(["--max-minutes", "0", "--seeds", "0", "--arms", "no KD", "--output-dir", str(tmp_path),
+                        "--analysis-images", "0", "--no-mask-vis"])
+        assert open(shipped).read() == before
+    finally:  # a regression must not leave the repository's report damaged
+        open(shipped, "w").write(before)
+    assert "**Not run**" in (tmp_path / "REPRODUCTION.md").read_text()
