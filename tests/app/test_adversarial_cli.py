@@ -227,3 +227,17 @@ def test_reproduce_into_another_output_dir_leaves_the_shipped_report_alone(tmp_p
     finally:  # a regression must not leave the repository's report damaged
         open(shipped, "w").write(before)
     assert "**Not run**" in (tmp_path / "REPRODUCTION.md").read_text()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--root", "NOWHERE"], "holds no runs.json"),  # trained the teacher for minutes, then a FileNotFoundError
+    (["--images", "0"], "argument --images: 0 is out of range"),
+    (["--picture-seed", "-1"], "argument --picture-seed: -1 is out of range"),
+])
+def test_mask_study_refuses_a_root_without_a_reproduction_and_bad_numbers(argv, says, tmp_path, capsys):
+    from maskedkd_app import mask_study
+    argv = [str(tmp_path / "missing") if a == "NOWHERE" else a for a in argv]
+    with pytest.raises(SystemExit) as done:
+        mask_study.main(argv + ([] if "--root" in argv else ["--root", str(tmp_path)]))
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
