@@ -14,7 +14,10 @@ timm, so the plugin keeps working on every timm it supports.
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import math
+import re
 import sys
 from typing import Any, Optional, Type
 
@@ -96,16 +99,60 @@ fraction = Number("fraction", float, low=0, high=1, low_open=True)
 keep_fraction = Number("keep_fraction", float, low=0, high=1, low_open=True, meaning="1.0 keeps every patch")
 
 
+class KeywordArgs(argparse.Action):
+    """``--x-kwargs K=V ...`` into a dict (values read as Python literals, else kept as text), strictly.
+
+    timm's ``ParseKwargs`` raised a bare ValueError (a traceback) on an item without ``=``, and silently kept the
+    last of a repeated key or of a repeated flag: each is a usage error here, naming the flag and the item.
+    """
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        if current and current is not self.default:
+            raise argparse.ArgumentError(self, "given twice (the second would silently replace the first): put "
+                                               "every KEY=VALUE after one " + str(option_string))
+        kwargs: dict = {}
+        for item in values:
+            key, sep, text = item.partition("=")
+            if not sep or not key.isidentifier() or not text:
+                raise argparse.ArgumentError(self, f"{item!r} is not KEY=VALUE with a name and a value: write e.g. "
+                                                   "depth=6 embed_dim=256")
+            if key in kwargs:
+                raise argparse.ArgumentError(self, f"{key} is given twice ({key}={kwargs[key]!r} and {item}): "
+                                                   "give each name once")
+            try:
+                kwargs[key] = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                kwargs[key] = text  # plain text needs no quoting on the command line, as in timm
+        setattr(namespace, self.dest, kwargs)
+
+
+def _option_hint(parser: argparse.ArgumentParser, message: str) -> str:
+    """' (did you mean --num_workers?)' for an unrecognized flag close to a real one (DeiT mixes - and _)."""
+    found = re.match(r"unrecognized arguments: (--[\w-]+)", message)
+    if not found:
+        return ""
+    options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    flag = found.group(1)
+    folded = {o.replace("_", "-"): o for o in options}
+    close = [folded[flag.replace("_", "-")]] if flag.replace("_", "-") in folded else \
+        difflib.get_close_matches(flag, options, n=3, cutoff=0.75)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line on stderr (``<prefix>: error: ...; see --help``), exit 2."""
+    """An ArgumentParser whose usage errors are one line on stderr (``<prefix>: error: ...; see --help``), exit 2.
+
+    An unrecognized flag close to a real one names it (``--num-workers``: did you mean ``--num_workers``?).
+    """
 
     error_prefix: Optional[str] = None
 
     def error(self, message: str) -> None:  # argparse's contract: must not return
         prefix = self.error_prefix if self.error_prefix is not None else f"{self.prog}: "
-        sys.stderr.write(f"{prefix}error: {message} (see --help)\n")
+        sys.stderr.write(f"{prefix}error: {message}{_option_hint(self, message)} (see --help)\n")
         sys.exit(2)
 
 
-__all__ = ["Number", "OneLineParser", "finite_float", "fraction", "keep_fraction", "non_negative_float",
+__all__ = ["KeywordArgs", "Number", "OneLineParser", "finite_float", "fraction", "keep_fraction", "non_negative_float",
            "non_negative_int", "positive_float", "positive_int", "probability", "rate", "seed_int"]

@@ -17,7 +17,7 @@ import runpy
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .argtypes import OneLineParser, keep_fraction, positive_int
+from .argtypes import KeywordArgs, OneLineParser, keep_fraction, positive_int
 from .capture import CaptureError
 from .masking import MASK_MODES, resolve_num_keep
 from .teacher_input import TeacherInputError
@@ -30,15 +30,6 @@ OUR_FLAGS = ("--timm-train", "--keep-ratio", "--num-keep", "--mask-mode", "--kd-
 
 class TimmTrainError(RuntimeError):
     """The command line or the train.py cannot work with the masked tasks."""
-
-
-def _parse_kwargs_action() -> type:
-    try:
-        from timm.utils import ParseKwargs  # train.py's own k=v parser, so --kd-model-kwargs reads like --model-kwargs
-    except ImportError:
-        timm_task_base("LogitDistillationTask")  # an old timm: refused with the timm release that is needed
-        raise
-    return ParseKwargs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kd-checkpoint", default=None, metavar="FILE",
                         help="local weights for the --kd-model-name teacher (.pth/.safetensors with its classifier "
                              "for your classes); without it timm downloads the pretrained teacher")
-    parser.add_argument("--kd-model-kwargs", nargs="*", default={}, action=_parse_kwargs_action(), metavar="K=V",
+    parser.add_argument("--kd-model-kwargs", nargs="*", default={}, action=KeywordArgs, metavar="K=V",
                         help="extra timm.create_model arguments for the teacher, e.g. img_size=160 (train.py builds "
                              "it by name at its own resolution) or dynamic_img_size=True")
     parser.add_argument("--no-flops", action="store_true", help="skip the fvcore supervision-cost table at start-up")

@@ -15,10 +15,9 @@ import argparse
 import os
 from typing import Callable, Dict, List, Optional, Tuple
 
-from timm.utils import ParseKwargs
-
-from deit_patch.argtypes import (Number, OneLineParser, finite_float, fraction, keep_fraction, non_negative_float,
-                                 non_negative_int, positive_float, positive_int, probability, rate, seed_int)
+from deit_patch.argtypes import (KeywordArgs, Number, OneLineParser, finite_float, fraction, keep_fraction,
+                                 non_negative_float, non_negative_int, positive_float, positive_int, probability, rate,
+                                 seed_int)
 from deit_patch.masking import KEEP_SCHEDULES, MASK_MODES
 from deit_patch.quality import GUARD_ACTIONS, GUARD_FALLBACKS
 
@@ -44,12 +43,12 @@ def _model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--input-size", default=224, type=positive_int, help="images input size")
     g.add_argument("--drop", type=rate, default=0.0, metavar="PCT")
     g.add_argument("--drop-path", type=rate, default=0.1, metavar="PCT")
-    g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
+    g.add_argument("--model-kwargs", nargs="*", default={}, action=KeywordArgs,
                    help="extra timm.create_model kwargs for the student, e.g. depth=6 embed_dim=256")
     g.add_argument("--model-ema", action="store_true")
     g.add_argument("--no-model-ema", action="store_false", dest="model_ema")
     p.set_defaults(model_ema=True)
-    g.add_argument("--model-ema-decay", type=probability, default=0.99996)
+    g.add_argument("--model-ema-decay", type=rate, default=0.99996)  # 1.0 froze the EMA at the init
     g.add_argument("--model-ema-force-cpu", action="store_true", default=False)
 
 
@@ -117,7 +116,7 @@ def _teacher(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("teacher")
     g.add_argument("--teacher-model", default="regnety_160", type=str, metavar="MODEL")
     g.add_argument("--teacher-path", type=str, default="")
-    g.add_argument("--teacher-kwargs", nargs="*", default={}, action=ParseKwargs,
+    g.add_argument("--teacher-kwargs", nargs="*", default={}, action=KeywordArgs,
                    help="extra timm.create_model kwargs for the teacher")
     g.add_argument("--teacher-mean", type=finite_float, nargs=3, default=None, help="override the teacher's input mean")
     g.add_argument("--teacher-std", type=positive_float, nargs=3, default=None, help="override the teacher's input std")
@@ -236,7 +235,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The full parser: a usage error (a bad number, an unknown flag) is one line ``error: ...`` and exit code 2."""
-    parser = OneLineParser(prog, parents=[get_args_parser()])
+    # allow_abbrev=False: a prefix (--epoch, --no-model) is a typo to name, not a flag to guess.
+    parser = OneLineParser(prog, parents=[get_args_parser()], allow_abbrev=False)
     parser.error_prefix = ""  # the same "error: ..." line as every other refusal of main_maskedkd.py
     return parser
 
@@ -322,6 +322,15 @@ def check_combinations(args: argparse.Namespace) -> None:
     if not args.eval and _mixup_active(args) and args.batch_size % 2:
         refuse(f"--batch-size {args.batch_size} is odd, and timm's mixup/cutmix pairs the images of a batch: pass "
                f"an even --batch-size (e.g. {args.batch_size + 1}), or --mixup 0 --cutmix 0")
+    for flag, dest in (("--cooldown-epochs", "cooldown_epochs"), ("--patience-epochs", "patience_epochs")):
+        # The loop trains exactly --epochs (timm counts a cooldown after them), and plateau is refused: DeiT's
+        # defaults (10) and 0 say the same thing; any other value was silently ignored.
+        if getattr(args, dest) not in (0, get_args_parser().get_default(dest)):
+            refuse(f"{flag} {getattr(args, dest)} has no effect here: the run trains exactly --epochs epochs on "
+                   f"--sched {args.sched}; drop {flag} (to train longer, raise --epochs)")
+    if args.bce_loss and not args.eval and not _mixup_active(args):
+        refuse("--bce-loss trains on the soft targets of mixup/cutmix, and both are off (the first step failed on "
+               "integer labels): turn --mixup or --cutmix on, or drop --bce-loss")
     if args.keep_schedule != "none" and args.keep_schedule_epochs is not None and not args.eval \
             and args.keep_schedule_epochs >= args.epochs:
         refuse(f"--keep-schedule-epochs {args.keep_schedule_epochs} is not below --epochs {args.epochs}: the "
@@ -334,6 +343,8 @@ def check_combinations(args: argparse.Namespace) -> None:
             refuse(f"{flag} img_size={size} but --input-size {args.input_size}: the model would be given images "
                    f"of another size than it was built for; drop img_size (it follows --input-size) or add "
                    "dynamic_img_size=True")
+    _check_own_flag_kwargs(args)
+    _check_optimizer_and_schedule(args)
     _check_launch(args)
     _check_device(args.device)
     _check_transform_names(args)
@@ -342,8 +353,27 @@ def check_combinations(args: argparse.Namespace) -> None:
         refuse(f"--data-set {args.data_set!r} is not one of {sorted(DATASETS)}")
 
 
+# timm.create_model arguments that a flag of their own sets: in --model-kwargs/--teacher-kwargs they silently won
+# over the flag (num_classes=5 on a 10-class data set failed deep in the loss with an index error).
+OWN_FLAG_KWARGS = {
+    "--model-kwargs": {"num_classes": "--nb-classes (the data set's class count)", "pretrained": "--finetune WEIGHTS",
+                       "drop_rate": "--drop", "drop_path_rate": "--drop-path"},
+    "--teacher-kwargs": {"num_classes": "nothing (the teacher's head follows the data set's class count)",
+                         "pretrained": "--teacher-path WEIGHTS"},
+}
+
+
+def _check_own_flag_kwargs(args: argparse.Namespace) -> None:
+    for flag, kwargs in (("--model-kwargs", args.model_kwargs), ("--teacher-kwargs", args.teacher_kwargs)):
+        for key, use in OWN_FLAG_KWARGS[flag].items():
+            if key in kwargs:
+                raise preflight.RunError(f"{flag} {key}={kwargs[key]} is set by the run itself: drop it from "
+                                         f"{flag} and use {use}")
+
+
 def _check_launch(args: argparse.Namespace) -> None:
     """--world_size/--dist_url are DeiT's; the process group comes from torchrun's environment, never from them."""
+    _check_torchrun_environment()
     launched = os.environ.get("WORLD_SIZE")
     if args.world_size != 1 and str(args.world_size) != launched:
         raise preflight.RunError(
@@ -354,6 +384,59 @@ def _check_launch(args: argparse.Namespace) -> None:
     if args.dist_url != "env://":
         raise preflight.RunError(f"--dist_url {args.dist_url}: this script joins the process group torchrun "
                                  "describes (env://) and would not use it; launch with torchrun and drop --dist_url")
+
+
+# The loop steps the schedule by epoch, with no metric: 'plateau' would never lower the lr, 'none' has no step.
+# 'multistep' is left out: its milestones are timm's fixed 30 60 here (no flag sets them).
+EPOCH_SCHEDULES = ("cosine", "tanh", "step", "poly")
+
+
+def _check_optimizer_and_schedule(args: argparse.Namespace) -> None:
+    """--opt/--opt-betas/--sched as timm builds them, on one dummy parameter: a bad name failed only after the data
+    and models were built, 'none' with a traceback, and --opt-betas were dropped or cut short silently."""
+    import torch
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+    if args.sched not in EPOCH_SCHEDULES:
+        raise preflight.RunError(f"--sched {args.sched!r}: this script steps the learning rate once per epoch "
+                                 f"without a metric; pass one of {list(EPOCH_SCHEDULES)}")
+    try:
+        optimizer = create_optimizer_v2([torch.nn.Parameter(torch.zeros(1))], **optimizer_kwargs(cfg=args))
+    except (ValueError, AssertionError, KeyError, TypeError, ImportError) as error:
+        raise preflight.RunError(f"--opt {args.opt!r} cannot be built by timm ({error}): pass an optimizer timm "
+                                 "knows, e.g. adamw, sgd, lamb") from None
+    betas = optimizer.defaults.get("betas")
+    if args.opt_betas is not None and (betas is None or len(betas) != len(args.opt_betas)):
+        fix = f"takes {len(betas)} betas: pass {len(betas)}" if betas is not None else "takes no betas"
+        raise preflight.RunError(f"--opt-betas {' '.join(map(str, args.opt_betas))}: --opt {args.opt} {fix}, or "
+                                 "drop --opt-betas")
+
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _check_torchrun_environment() -> None:
+    """torchrun sets all of TORCHRUN_VARS; a partial or inconsistent set (a leftover export, a scheduler that sets
+    RANK/WORLD_SIZE but does not launch torchrun) ran single-process silently, or hung waiting for absent ranks."""
+    given = [name for name in TORCHRUN_VARS[:3] if name in os.environ]
+    if not given:
+        return
+    fix = "launch with torchrun (it sets them all), or unset them"
+    if len(given) == 3:
+        _check_ranks(fix)
+    missing = [name for name in TORCHRUN_VARS if name not in os.environ]
+    if missing:
+        raise preflight.RunError(f"{', '.join(given)} set in the environment but {', '.join(missing)} not: {fix}")
+
+
+def _check_ranks(fix: str) -> None:
+    try:
+        rank, world, local = (int(os.environ[name]) for name in TORCHRUN_VARS[:3])
+    except ValueError:
+        shown = " ".join(f"{name}={os.environ[name]!r}" for name in TORCHRUN_VARS[:3])
+        raise preflight.RunError(f"{shown}: these must be whole numbers; {fix}") from None
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise preflight.RunError(f"RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}: a rank must be in "
+                                 f"[0, WORLD_SIZE) (the group would wait for ranks that never come); {fix}")
 
 
 def check_demo_args(args: argparse.Namespace) -> None:
@@ -414,6 +497,7 @@ IGNORED_UNLESS: Tuple[Tuple[Tuple[str, ...], Callable[[argparse.Namespace], bool
     (("procedural_train_size", "procedural_val_size", "procedural_label_noise"),
      lambda a: str(a.data_set).upper() == "PROCEDURAL", "--data-set PROCEDURAL"),
     (("warmup_lr",), lambda a: a.warmup_epochs > 0, "--warmup-epochs 1 or more"),
+    (("decay_epochs", "decay_rate"), lambda a: a.sched == "step", "--sched step"),
 )
 
 

@@ -103,6 +103,7 @@ def create_student(args) -> torch.nn.Module:
         args.model, flag="--model", kwargs_flag="--model-kwargs", extra=args.model_kwargs, img_size=args.input_size,
         pretrained=False, num_classes=args.nb_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
     preflight.check_data_channels(model, flag=f"--model {args.model}", kwargs_flag="--model-kwargs")
+    preflight.check_patch_grid(model, input_size=args.input_size, flag=f"--model {args.model}")
     return model
 
 
@@ -175,6 +176,7 @@ def create_teacher(args, nb_classes: int) -> torch.nn.Module:
     teacher = preflight.create_model_checked(args.teacher_model, img_size=args.input_size, **common)
     if find_family(teacher) is None and not hasattr(teacher, "patch_embed"):
         teacher = preflight.create_model_checked(args.teacher_model, global_pool="avg", **common)
+    preflight.check_patch_grid(teacher, input_size=args.input_size, flag=f"--teacher-model {args.teacher_model}")
     if args.teacher_path:
         load_weights(teacher, args.teacher_path, strict=True, what="teacher checkpoint")
     return teacher

@@ -392,11 +392,18 @@ def require_training_state(state: Mapping[str, Any], *, source: str) -> None:
             "trainer; to start from weights alone, pass them as a teacher/fine-tune checkpoint instead")
 
 
+# What to do when a training state lacks a part the run would restore. EMA is on by default, so "drop
+# --model-ema" (the old advice) changed nothing: the flag that turns it off is --no-model-ema.
+MISSING_PART_FIX = {
+    "model_ema": "pass --no-model-ema to resume without EMA (it is on by default), or start a fresh run",
+    "feature_heads": "resume with the --feature-kd the checkpoint was trained with, or start a fresh run",
+}
+
+
 def _require_key(state: Mapping[str, Any], key: str, *, source: str) -> None:
     if key not in state:
-        raise CheckpointError(
-            f"training state {source} has no '{key}' entry, so it cannot be restored; resume without that "
-            f"component (e.g. drop --model-ema) or start a fresh run")
+        raise CheckpointError(f"training state {source} has no '{key}' entry, so it cannot be restored; "
+                              + MISSING_PART_FIX.get(key, "start a fresh run"))
 
 
 def _ema_module(model_ema: Any) -> nn.Module:

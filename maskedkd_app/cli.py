@@ -36,6 +36,16 @@ def _one_line(error: BaseException) -> str:
     return text
 
 
+def _what_survives(args) -> str:
+    # Checkpoints are written atomically after each epoch, so the last one is whole whenever the run stopped.
+    if args.demo or not args.output_dir:
+        return "nothing of this run was saved (no --output_dir)" if not args.demo else "rerun --demo to start over"
+    path = os.path.join(args.output_dir, "checkpoint.pth")
+    if not os.path.isfile(path):
+        return f"no epoch had finished, so {args.output_dir} holds no checkpoint; rerun to start over"
+    return f"{path} holds the last finished epoch, intact; rerun the same command to resume from it"
+
+
 def cli(argv: Optional[List[str]] = None) -> int:
     """The exit code of one ``main_maskedkd.py`` call with ``argv`` (``sys.argv[1:]`` when None)."""
     try:
@@ -51,6 +61,9 @@ def cli(argv: Optional[List[str]] = None) -> int:
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: say what survives instead of a traceback through the training loop
+        print(f"error: interrupted: {_what_survives(args)}", file=sys.stderr)
+        return 130
     except USER_ERRORS as error:
         if os.environ.get("MASKEDKD_TRACEBACK"):
             raise

@@ -75,7 +75,16 @@ def _distils(arm: str) -> bool:
     return recipes.ARMS[ARMS[arm]].kind != "none"
 
 
-def _arm_record(arm: str, out: Path, seconds: float) -> Dict:
+def _finished_before(arm: str, out: Path, epochs: int) -> bool:
+    """The arm's run in ``out`` already logged its last epoch (an earlier demo): a rerun only reports it, so the
+    seconds it takes now are not the arm's training time."""
+    log = out / arm_dir(arm) / "log.txt"
+    if not log.is_file():
+        return False
+    return any(json.loads(line).get("epoch") == epochs - 1 for line in log.read_text().splitlines() if line.strip())
+
+
+def _arm_record(arm: str, out: Path, seconds: Optional[float]) -> Dict:
     """An arm's numbers, read from its run's per-epoch log (the last line is the final epoch)."""
     lines = [json.loads(line) for line in (out / arm_dir(arm) / "log.txt").read_text().splitlines() if line.strip()]
     last = lines[-1]
@@ -100,6 +109,10 @@ def run_demo(args, cfg: Optional[Dict] = None) -> Dict:
     print(f"[demo] shipped teacher {shipped_teacher.WEIGHTS.name}: sha256 ok "
           f"(retrain: python -m maskedkd_app.shipped_teacher --retrain)")
     commands = {arm: demo_argv(arm, out=out, device=device, seed=args.seed, cfg=cfg) for arm in cfg["arms"]}
+    reused = [arm for arm in commands if _finished_before(arm, out, cfg["epochs"])]
+    if reused:
+        print(f"[demo] {out} holds an earlier demo: its finished arms ({', '.join(reused)}) are reported from their "
+              "logs, not retrained; pass another --output_dir for a fresh demo")
     for arm, argv in commands.items():
         print(f"[demo] {arm}:\n  python main_maskedkd.py " + " ".join(argv))
     if parallel:
@@ -116,7 +129,8 @@ def run_demo(args, cfg: Optional[Dict] = None) -> Dict:
             seconds[arm] = time.time() - arm_start
     torch.set_num_threads(max(1, workers))
     summary: Dict = {"teacher_acc1": teacher_accuracy(info, cfg["val_size"]), "workers": workers,
-                     "arms": {arm: _arm_record(arm, out, seconds[arm]) for arm in commands}}
+                     "arms": {arm: _arm_record(arm, out, None if arm in reused else seconds[arm])
+                              for arm in commands}}
     summary["seconds"] = time.time() - start
     if dist_utils.is_main_process():
         (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
@@ -135,7 +149,8 @@ def report(s: Dict, cfg: Dict) -> str:
     for arm, a in s["arms"].items():
         saved = f"{100 * (1 - a['teacher_gflops'] / full):.0f}%" if a["teacher_gflops"] and full else "-"
         gflops = f"{a['teacher_gflops']:.4f}" if a["teacher_gflops"] else "0 (no teacher)"
-        lines.append(f"| {arm} | {a['student_acc1']:.1f}% | {gflops} | {saved} | {a['seconds']:.0f} s |")
+        wall = f"{a['seconds']:.0f} s" if a["seconds"] is not None else "earlier run"
+        lines.append(f"| {arm} | {a['student_acc1']:.1f}% | {gflops} | {saved} | {wall} |")
     lines.append(f"\ntotal {s['seconds']:.0f} s wall, arms run {s['workers']} at a time (one thread each); wall time "
                  "per arm includes waiting for a core on a busy machine")
     return "\n".join(lines)

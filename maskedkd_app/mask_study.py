@@ -18,7 +18,6 @@ Writes JSON (``--json``) and PNGs (``--figures``); the Markdown write-up (result
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import threading
@@ -28,6 +27,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+
+from deit_patch.argtypes import OneLineParser, positive_int, seed_int
 
 from . import build, reproduce
 from .args import parse_args
@@ -340,13 +341,14 @@ def over_training_plot(png: Path, series: Dict[str, Dict[int, float]], *, ylabel
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="mask_study.py", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(reproduce.PRESETS), default="digits")
     parser.add_argument("--root", default=None, help="the reproduction's output folder (default: the preset's)")
     parser.add_argument("--json", default=None, help="results (default: <root>/mask_study.json)")
-    parser.add_argument("--figures", default="results/digits/real_images_figures")
-    parser.add_argument("--images", type=int, default=1000, help="val images measured (all of DIGITS' 450)")
-    parser.add_argument("--picture-seed", type=int, default=None,
+    parser.add_argument("--figures", default=None,
+                        help="figures (default: results/digits/real_images_figures; <root>/figures with --root)")
+    parser.add_argument("--images", type=positive_int, default=1000, help="val images measured (all of DIGITS' 450)")
+    parser.add_argument("--picture-seed", type=seed_int, default=None,
                         help="seed of the MaskedKD attention student whose masks are drawn (default: its worst seed)")
     parser.add_argument("--snapshots", nargs=2, metavar=("ARM", "SEED"), default=None,
                         help="measure each epoch's attention of this arm/seed: from the snapshots --watch kept, else "
@@ -357,7 +359,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     p = dict(reproduce.PRESETS[args.preset])
     root = Path(args.root or reproduce.PRESET_FILES.get(args.preset, ("", "output/reproduce"))[1])
-    figures = Path(args.figures)
+    # Another --root's figures go beside it: they overwrote the repository's shipped ones.
+    figures = Path(args.figures or (root / "figures" if args.root else "results/digits/real_images_figures"))
+    if not args.watch and not (root / "runs.json").is_file():
+        # Checked first: the teacher was trained (minutes) before runs.json was found missing (a traceback).
+        parser.error(f"--root {root} holds no runs.json (no reproduction there): run python -m maskedkd_app.reproduce "
+                     f"--preset {args.preset} --output-dir {root} first, or pass the --root of one")
     if args.watch:
         watch_runs(root, args.watch, [0, 1, 2])
         return 0

@@ -253,6 +253,24 @@ def create_model_checked(name: str, *, flag: str, kwargs_flag: str, extra: Mappi
                        f"({type(error).__name__}: {error}); fix those values") from None
 
 
+def check_patch_grid(model: nn.Module, *, input_size: int, flag: str) -> None:
+    """A patch model whose patch size does not divide --input-size silently never sees the last rows and columns
+    (timm's patch convolution floors the grid); refuse it unless the model pads and sizes its grid to the image
+    (dynamic_img_pad=True with dynamic_img_size=True: padding alone fails on the position embedding)."""
+    embed = getattr(model, "patch_embed", None)
+    patch = getattr(embed, "patch_size", None)
+    if patch is None or (getattr(embed, "dynamic_img_pad", False) and getattr(model, "dynamic_img_size", False)):
+        return
+    size = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+    if all(isinstance(p, int) and p > 0 for p in size) and any(input_size % p for p in size):
+        step = max(size)
+        lower, upper = input_size - input_size % step, input_size - input_size % step + step
+        raise RunError(f"--input-size {input_size} is not a multiple of the patch size {step} of {flag}: the last "
+                       f"{input_size % step} pixel rows and columns would never be seen; pass --input-size "
+                       + (f"{lower} or {upper}" if lower else f"{upper}")
+                       + " (or build it with dynamic_img_size=True dynamic_img_pad=True)")
+
+
 def check_data_channels(model: nn.Module, *, flag: str, kwargs_flag: str, channels: int = 3) -> None:
     """Every data set here yields RGB images: refuse a model built for another channel count before it trains."""
     from deit_patch.layout import input_channels

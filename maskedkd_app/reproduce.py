@@ -521,7 +521,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="runs and JSON (default: output/reproduce, output/reproduce_digits for --preset digits)")
     parser.add_argument("--report", default=None,
                         help="the generated report (default: results/procedural/REPRODUCTION.md, "
-                             "results/digits/REPRODUCTION_DIGITS.md for digits)")
+                             "results/digits/REPRODUCTION_DIGITS.md for digits; inside --output-dir when that is "
+                             "given)")
     parser.add_argument("--no-mask-vis", action="store_true")
     parser.add_argument("--retrain-teacher", action="store_true",
                         help="train the teacher (cpu preset: the shipped teacher's recorded command) instead of "
@@ -538,6 +539,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--run-one", nargs=2, metavar=("ARM", "SEED"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     default_report, default_dir = PRESET_FILES.get(args.preset, PRESET_FILES["cpu"])
+    if args.output_dir and not args.report:
+        # Runs elsewhere report elsewhere: the shipped report (hours of runs) was overwritten by a trial run's.
+        args.report = str(Path(args.output_dir, Path(default_report).name))
     args.report, args.output_dir = args.report or default_report, args.output_dir or default_dir
     args.arms = args.arms or list(PRESET_ARMS.get(args.preset, DEFAULT_ARMS))
     extra = args.add_arms + ([arm for arm in ARMS if arm.endswith("(analysis)")] if args.analysis_arms else [])

@@ -45,6 +45,7 @@ def main(args) -> dict:
         preflight.check_input_files({"--resume": args.resume, "--finetune": args.finetune,
                                      "--teacher-path": args.teacher_path if args.distillation_type != "none" else ""})
         resume = find_resume(args.output_dir, args.resume)
+        _check_resume_target(args)
         _check_weights_to_use(args, resume)
         _check_resume_config(args, config, resume)
 
@@ -102,6 +103,8 @@ def main(args) -> dict:
             max_accuracy = float(extra.get("max_accuracy", 0.0))
             criterion.load_guard_state(extra.get("mask_guard"))  # a fallback switch stays switched
             print(f"Resumed from {resume}: continuing at epoch {args.start_epoch}")
+        if output_dir and dist_utils.is_main_process():  # fresh (start 0) or resumed: epochs this run will log
+            _drop_log_lines_from(output_dir / "log.txt", args.start_epoch)
 
         recorder = build.build_mask_recorder(args, criterion, teacher)
         print(f"Start training for {args.epochs} epochs")
@@ -144,6 +147,10 @@ def main(args) -> dict:
             # Every rank's RNG streams, so that each resumes its own (a collective: every rank takes part).
             rng_states = gather_rng_states() if output_dir else None
             if output_dir and dist_utils.is_main_process():
+                # The log line first: a stop between the two leaves it ahead of the checkpoint, and the resume
+                # redoes that epoch and moves the line aside (_drop_log_lines_from), so no epoch is missing or doubled.
+                with (output_dir / "log.txt").open("a") as f:
+                    f.write(json.dumps(log_stats) + "\n")
                 extra = {"max_accuracy": max_accuracy, "mask_guard": criterion.guard_state()}
                 save_training_state(output_dir / "checkpoint.pth", model=model_without_ddp, optimizer=optimizer,
                                     lr_scheduler=lr_scheduler, epoch=epoch, args=args, scaler=loss_scaler,
@@ -152,15 +159,14 @@ def main(args) -> dict:
                 if test_stats["acc1"] >= max_accuracy:
                     save_atomic({"model": model_without_ddp.state_dict(), "epoch": epoch},
                                 output_dir / "best_checkpoint.pth")
-                with (output_dir / "log.txt").open("a") as f:
-                    f.write(json.dumps(log_stats) + "\n")
                 if args.plots:
                     draw_safely("--plots", epoch, lambda: print(f"plots: {plot_run(output_dir)}"))
             if recorder is not None:  # after the checkpoint: a picture that cannot be drawn costs no training
                 draw_safely("--mask-vis", epoch, lambda: recorder.end_epoch(epoch, is_last=epoch == args.epochs - 1))
             dist_utils.barrier()
         if args.start_epoch >= args.epochs:  # a finished run found in output_dir: report it instead of retraining
-            print(f"Nothing to train: the checkpoint already covers {args.epochs} epochs")
+            print(f"Nothing to train: the checkpoint already covers {args.start_epoch} epochs (--epochs "
+                  f"{args.epochs})")
             test_stats = evaluate(data.loader_val, model, device, amp_dtype=args.amp_dtype, reduce=args.dist_eval)
             log_stats = {f"test_{k}": v for k, v in test_stats.items()}
         total = str(datetime.timedelta(seconds=int(time.time() - start_time)))
@@ -189,7 +195,9 @@ def _seed_everything(args) -> None:
 
 # The files a run writes in --output_dir (checked at start-up: a directory of one of these names would only fail
 # when the first epoch is done).
-OUTPUT_FILES = ("checkpoint.pth", "best_checkpoint.pth", "log.txt", "supervision_cost.json", BAD_IMAGES_LOG)
+SUPERSEDED_LOG = "log.superseded.txt"
+OUTPUT_FILES = ("checkpoint.pth", "best_checkpoint.pth", "log.txt", "supervision_cost.json", BAD_IMAGES_LOG,
+                SUPERSEDED_LOG)
 
 
 def _claim_output_dir(args, run_scope: contextlib.ExitStack) -> None:
@@ -201,6 +209,7 @@ def _claim_output_dir(args, run_scope: contextlib.ExitStack) -> None:
             if args.output_dir:
                 directory = preflight.check_output_dir(args.output_dir)
                 run_scope.enter_context(preflight.OutputDirLock(directory))
+                _remove_interrupted_writes(directory)
                 from .run_plots import PLOT_NAME  # here: it imports matplotlib
                 preflight.check_output_files(directory, OUTPUT_FILES + (PLOT_NAME,))
             if args.mask_vis and not args.eval:
@@ -208,6 +217,57 @@ def _claim_output_dir(args, run_scope: contextlib.ExitStack) -> None:
         except preflight.RunError as refusal:
             error = refusal
     preflight.agree_across_ranks(error)
+
+
+def _check_resume_target(args) -> None:
+    """``--resume`` from elsewhere into an --output_dir that holds another run: its checkpoint.pth and
+    best_checkpoint.pth were overwritten and its log.txt got the resumed epochs a second time (0 1 2 1 2)."""
+    if not args.resume or args.eval or not args.output_dir or "://" in args.resume:
+        return
+    own = os.path.join(args.output_dir, "checkpoint.pth")
+    if os.path.isfile(own) and os.path.isfile(args.resume) and not os.path.samefile(own, args.resume):
+        raise preflight.RunError(
+            f"--resume {args.resume} into --output_dir {args.output_dir}, which holds another run's checkpoint.pth: "
+            "it would be overwritten and log.txt would repeat epochs; pass a new --output_dir, or drop --resume to "
+            f"continue the run in {args.output_dir}")
+
+
+def _log_epoch(line: str):
+    try:
+        return json.loads(line).get("epoch")
+    except (ValueError, AttributeError):
+        return -1  # a line cut short by a kill or a full disk: not an epoch's record
+
+
+def _drop_log_lines_from(path: Path, start_epoch: int) -> None:
+    """Move log.txt lines of epochs this run trains (again), and lines cut short, to log.superseded.txt, so that
+    the log holds each epoch once. They come from a run that stopped before its checkpoint of that epoch."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines(keepends=True) if line.strip()]
+    kept = [line for line in lines if 0 <= (_log_epoch(line) or 0) < start_epoch]
+    if len(kept) == len(lines):
+        return
+    with (path.parent / SUPERSEDED_LOG).open("a") as f:  # kept, not deleted: a person may want those numbers
+        f.writelines(line if line.endswith("\n") else line + "\n" for line in lines if line not in kept)
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text("".join(kept))
+    os.replace(temp, path)  # atomic: a kill now leaves the old or the new log, never half of one
+    print(f"note: {path} held {len(lines) - len(kept)} line(s) of epoch {start_epoch} or later (or cut short) from "
+          f"a run that stopped before its checkpoint: moved to {SUPERSEDED_LOG}; those epochs are logged again")
+
+
+def _remove_interrupted_writes(directory: Path) -> None:
+    """Delete the temp files of checkpoint writes a killed run left (``save_atomic``'s ``.checkpoint.pth.*.tmp``).
+
+    The kill left the previous checkpoint whole, but each such file is a full checkpoint's size: a run killed and
+    restarted over and over (preemption) would fill the disk with them. Called under the --output_dir lock, so no
+    live run is writing them.
+    """
+    for name in ("checkpoint.pth", "best_checkpoint.pth"):
+        for stale in Path(directory).glob(f".{name}.*.tmp"):
+            stale.unlink()
+            print(f"removed {stale}: an unfinished checkpoint write of an interrupted run")
 
 
 def _check_weights_to_use(args, resume) -> None:
