@@ -300,6 +300,8 @@ class ViTKD(nn.Module):
                  mask_ratio: float = 0.5, layers: Sequence[int] = (0, 1), teacher_prefix: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, distributed: Optional[bool] = None):
         super().__init__()
+        if not isinstance(layers, (tuple, list)):
+            raise FeatureKDError(f"vitkd_layers={layers!r} must be a tuple of block indices, e.g. (0, 1)")
         layers = tuple(layers)
         if not layers or not all(isinstance(i, int) for i in layers) or len(set(layers)) != len(layers):
             raise FeatureKDError(f"vitkd_layers={layers!r} must be distinct block indices, e.g. (0, 1)")
