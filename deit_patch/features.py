@@ -32,6 +32,7 @@ On a masked teacher (kept patch indices ``keep_idx`` (B, K)) its features exist 
 from __future__ import annotations
 
 import contextlib
+import copy
 import weakref
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -137,8 +138,17 @@ class StudentFeatures:
         shallow, norm = _feature_modules(self.model, self.layers, "student")
         self.enabled = True
         self._features: Dict[int, torch.Tensor] = {}
-        modules = list(shallow) + [norm]
-        self._handles = [m.register_forward_hook(_FeatureHook(self, m, k)) for k, m in enumerate(modules)]
+        self._hooked = list(shallow) + [norm]
+        self._handles = [m.register_forward_hook(_FeatureHook(self, m, k)) for k, m in enumerate(self._hooked)]
+
+    def __deepcopy__(self, memo: dict) -> "StudentFeatures":
+        # As AttentionCapture's: a copied loss reads the same live student through hooks of its own.
+        new = copy.copy(self)
+        memo[id(self)] = new
+        new._features = {}
+        new._handles = ([m.register_forward_hook(_FeatureHook(new, m, k)) for k, m in enumerate(self._hooked)]
+                        if self._handles else [])
+        return new
 
     def take(self, batch_size: int) -> Tuple[List[torch.Tensor], torch.Tensor]:
         """(shallow patch tokens per layer, deep patch tokens), each (B, N, D_s); consumed, so never reused."""

@@ -14,6 +14,7 @@ It computes no loss.
 from __future__ import annotations
 
 import contextlib
+import copy
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -170,6 +171,22 @@ class MaskedTeacher(nn.Module):
         if self.masking:
             verify_family(teacher, self.family)  # before any hook: one probe pass, refuses a mis-described teacher
             self.capture = self._build_capture(student)
+
+    def __deepcopy__(self, memo: dict) -> "MaskedTeacher":
+        # A copy shares nothing mutable with this one; its compiled forward is rebuilt on first use (a compiled
+        # module cannot be copied), and its capture reads the same student (AttentionCapture.__deepcopy__).
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = None if key == "_compiled" else copy.deepcopy(value, memo)
+        new._compiled_batch = 0
+        return new
+
+    def __reduce_ex__(self, protocol: Any):
+        # pickle/torch.save would fail deep inside, on a hook handle or a family's matcher function.
+        raise TypeError("a masked teacher (and a distillation loss or timm task holding one) cannot be pickled: it "
+                        "is bound to a live student by hooks; checkpoint the models' state_dict() and "
+                        "criterion.guard_state() (ViTKD heads: criterion.feature_heads.state_dict()) and rebuild it")
 
     # --- construction -----------------------------------------------------------------------------------------
     def _resolve_keep(self, keep_ratio: Optional[float], num_keep: Optional[int]) -> None:
