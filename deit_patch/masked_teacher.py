@@ -451,10 +451,18 @@ class MaskedTeacher(nn.Module):
         elif first:
             self.guard.warn(message)
 
-    def apply_fallback(self, *, reason: Optional[dict] = None) -> None:
-        """Switch this run to the guard's fallback: random patches at the same keep count, or every patch."""
+    def apply_fallback(self, *, reason: Optional[dict] = None, to: Optional[str] = None) -> None:
+        """Switch this run to the guard's fallback: random patches at the same keep count, or every patch.
+
+        ``to``: the mask mode a checkpoint recorded switching to ('random' or 'none'); default: this guard's.
+        """
         before = self.mask_mode
-        if self.guard.fallback == "random":
+        if to is None:
+            to = "random" if self.guard.fallback == "random" else NO_MASK
+        if to not in ("random", NO_MASK):
+            raise ValueError(f"the guard state's switch goes to {to!r}, not 'random' or {NO_MASK!r}: pass the dict "
+                             "guard_state() returned")
+        if to == "random":
             self.mask_mode = "random"
             self.remove_hooks()  # random masks read no scores
         else:
@@ -477,7 +485,9 @@ class MaskedTeacher(nn.Module):
         self.guard.fired = state.get("fired")
         switched = state.get("switched")
         if switched and self.guard.switched is None and self.masking:
-            self.apply_fallback(reason=switched.get("window"))
+            # The switch the run made, not what this loss's guard_fallback would choose: a run that fell back to
+            # the full teacher must not resume on random masks while its state says 'none'.
+            self.apply_fallback(reason=switched.get("window"), to=switched.get("to"))
             self.guard.switched = dict(switched)
 
     def pop_stats(self, *, all_reduce: bool = False) -> Dict[str, float]:

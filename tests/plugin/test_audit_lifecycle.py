@@ -64,3 +64,18 @@ def test_pickling_the_loss_says_what_to_checkpoint():
     _, _, crit = build()
     with pytest.raises(TypeError, match=r"cannot be pickled.*state_dict\(\).*guard_state\(\)"):
         torch.save(crit, io.BytesIO())
+
+
+def test_restored_guard_switch_is_the_one_the_run_made():
+    # Before: a checkpoint whose run fell back to the full teacher resumed on random masks (this loss's own
+    # guard_fallback) while guard_state() still said 'none'.
+    student, _, crit = build(mask_guard="fallback", guard_fallback="random")
+    switched = {"from": "attention", "to": "none", "at_step": 3, "window": {}}
+    crit.load_guard_state({"action": "fallback", "fallback": "full", "fired": {}, "switched": switched})
+    assert crit.masked_teacher.mask_mode == "none" and crit.guard_state()["switched"] == switched
+    x, y = data()
+    crit(x, student.train()(x), y)
+    assert crit.last_keep_idx is None  # the full teacher, as the run had switched to
+    other = build(mask_guard="fallback")[2]
+    with pytest.raises(ValueError, match="switch goes to 'teacher'"):
+        other.load_guard_state({"fired": {}, "switched": {**switched, "to": "teacher"}})
