@@ -323,12 +323,13 @@ class AttentionCapture:
         return side, side
 
     def __deepcopy__(self, memo: dict) -> "AttentionCapture":
-        # A copied loss (copy.deepcopy(criterion)) must still read the model it was built on. The student is not
-        # the loss's to copy: the copy hooks the same live student with a hook of its own. A teacher read in
-        # 'teacher' mode is the loss's own, so the copy reads the copied teacher.
+        # A copied loss (copy.deepcopy(criterion)) must still read the model that will run. A student outside the
+        # copied object (a loss's student) is not copied: the copy hooks the same live student with a hook of its
+        # own. A model copied along (a teacher read in 'teacher' mode, a timm task's own student, already in
+        # ``memo``) is read in its copy.
         new = copy.copy(self)
         memo[id(self)] = new
-        if self.always:
+        if self.always or id(self.model) in memo:
             path = next(name for name, module in self.model.named_modules() if module is self.attn)
             new.model = copy.deepcopy(self.model, memo)
             new.attn = new.model.get_submodule(path)

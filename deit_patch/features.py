@@ -142,11 +142,14 @@ class StudentFeatures:
         self._handles = [m.register_forward_hook(_FeatureHook(self, m, k)) for k, m in enumerate(self._hooked)]
 
     def __deepcopy__(self, memo: dict) -> "StudentFeatures":
-        # As AttentionCapture's: a copied loss reads the same live student through hooks of its own.
+        # As AttentionCapture's: the same live student through hooks of its own, or its copy if it was copied along.
         new = copy.copy(self)
         memo[id(self)] = new
+        if id(self.model) in memo:
+            new.model = copy.deepcopy(self.model, memo)
+            new._hooked = [copy.deepcopy(m, memo) for m in self._hooked]
         new._features = {}
-        new._handles = ([m.register_forward_hook(_FeatureHook(new, m, k)) for k, m in enumerate(self._hooked)]
+        new._handles = ([m.register_forward_hook(_FeatureHook(new, m, k)) for k, m in enumerate(new._hooked)]
                         if self._handles else [])
         return new
 

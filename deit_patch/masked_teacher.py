@@ -254,6 +254,14 @@ class MaskedTeacher(nn.Module):
         Only on a teacher built with masking (the hook and pruning are set up at construction): build it with the
         schedule's target and raise the count from there; ``keep_ratio=1.0`` then runs the full teacher.
         """
+        if not self.masking and self.guard.switched is not None:
+            # The mask guard switched this run to the full teacher; a keep schedule's next step must not stop the
+            # run (it did, with "needs a loss built with masking"). The count is checked and kept, the switch stands.
+            check_num_keep(num_keep)
+            check_keep_ratio(keep_ratio)
+            resolve_num_keep(num_patches=self.num_patches or 1, keep_ratio=keep_ratio, num_keep=num_keep)
+            self.keep_ratio, self.keep_count = keep_ratio, num_keep
+            return
         if not self.masking:
             raise ValueError("set_keep() needs a loss built with masking (keep_ratio < 1 or num_keep < all patches "
                              "and a mask_mode other than 'none'): build it with the schedule's target keep ratio")

@@ -79,3 +79,28 @@ def test_restored_guard_switch_is_the_one_the_run_made():
     other = build(mask_guard="fallback")[2]
     with pytest.raises(ValueError, match="switch goes to 'teacher'"):
         other.load_guard_state({"fired": {}, "switched": {**switched, "to": "teacher"}})
+
+
+def test_keep_schedule_after_a_switch_to_the_full_teacher_keeps_running():
+    # Before: the next epoch's set_keep raised "needs a loss built with masking" and stopped the run.
+    student, _, crit = build(mask_guard="fallback", guard_fallback="full")
+    crit.masked_teacher.apply_fallback()
+    crit.set_keep(num_keep=4)
+    x, y = data()
+    crit(x, student.train()(x), y)
+    assert crit.last_keep_idx is None  # the guard's switch stands
+    with pytest.raises(ValueError, match="num_keep=99 is outside"):
+        crit.set_keep(num_keep=99)  # still checked
+
+
+def test_deep_copied_timm_task_reads_its_own_student_copy():
+    # Before: the copy's hook stayed on the original student, so the copied task's first step found no attention.
+    timm_task = pytest.importorskip("deit_patch.timm_task")
+    if not timm_task.has_logit_task:
+        pytest.skip("this timm has no timm.task")
+    task = timm_task.MaskedLogitDistillationTask(tiny(seed=1), tiny(seed=2), criterion=nn.CrossEntropyLoss(),
+                                                 verbose=False).train()
+    twin = copy.deepcopy(task)
+    x, y = data()
+    torch.testing.assert_close(twin(x, y)["loss"], task(x, y)["loss"])
+    assert torch.equal(twin.masked_teacher.last_step.keep_idx, task.masked_teacher.last_step.keep_idx)
