@@ -147,8 +147,11 @@ def scheduled_keep_ratio(epoch: int, *, target: float, warmup_epochs: int, shape
     for name, value in (("target", target), ("start", start)):
         if not 0.0 < float(value) <= 1.0:
             raise ValueError(f"keep schedule {name}={value} is outside (0, 1]: give a fraction of teacher patches")
-    if warmup_epochs < 0:
-        raise ValueError(f"warmup_epochs={warmup_epochs} must be >= 0 (0: the target from the first epoch)")
+    for name, value in (("epoch", epoch), ("warmup_epochs", warmup_epochs)):
+        # A negative epoch extrapolated past the start (keep 1.125); a fractional warm-up never lands on the target.
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"{name}={value!r} must be a whole number >= 0"
+                             + (" (0: the target from the first epoch)" if name == "warmup_epochs" else ""))
     if epoch >= warmup_epochs:
         return float(target)
     return float(start) + (float(target) - float(start)) * KEEP_SCHEDULES[shape](epoch / warmup_epochs)

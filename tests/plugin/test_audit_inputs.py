@@ -206,6 +206,16 @@ def test_vitkd_layers_given_as_one_int_is_named():
         build(feature_kd="vitkd", vitkd_layers=1)
 
 
+@pytest.mark.parametrize("bad,match", [(dict(epoch=-1), "epoch=-1 must be a whole number >= 0"),
+                                       (dict(warmup_epochs=2.5), "warmup_epochs=2.5 must be a whole number")])
+def test_keep_schedule_epochs_must_be_whole_numbers(bad, match):
+    # Before: epoch -1 gave keep ratio 1.125 and a warm-up of 2.5 epochs was accepted.
+    from deit_patch.masking import scheduled_keep_ratio
+    kwargs = {"epoch": 1, "target": 0.5, "warmup_epochs": 4, **bad}
+    with pytest.raises(ValueError, match=match):
+        scheduled_keep_ratio(kwargs.pop("epoch"), **kwargs)
+
+
 # --- state and lifecycle ------------------------------------------------------------------------------------
 def test_pop_stats_all_reduce_outside_distributed_is_the_plain_figures():
     # Before: "Default process group has not been initialized" from the loss terms (the teacher's were guarded).
