@@ -28,7 +28,7 @@ from .capture import AttentionCapture, CaptureError
 from .cost import SupervisionCost, TokenMeter, student_gflops, teacher_gflops
 from .masking import MASK_MODES, check_keep_ratio, choose_patches, resolve_num_keep
 from .quality import FidelityProbe, MaskGuard, TeacherQuality
-from .teacher_input import InputRenorm, check_channels, check_resolution
+from .teacher_input import InputRenorm, TeacherInputError, check_channels, check_resolution
 from .layout import unwrap_model
 from .teachers import PrunedTeacher, UnsupportedTeacherError, find_family, pruned_forward, require_family, verify_family
 
@@ -298,6 +298,9 @@ class MaskedTeacher(nn.Module):
     def prepare_input(self, images: torch.Tensor) -> torch.Tensor:
         """The batch as the teacher takes it: its channels checked, its statistics and dtype."""
         check_channels(teacher=self.teacher, samples=images)  # a shape test: no device sync
+        if not images.is_floating_point():  # raw uint8 pixels would be cast to float below, unnormalised
+            raise TeacherInputError(f"the teacher got {images.dtype} images: it takes normalised floating-point "
+                                    "images; convert and normalise them in the data pipeline (ToTensor, Normalize)")
         x = self.renorm(images) if self.renorm is not None else images
         # The teacher's own dtype: a half-precision student batch (or a loss moved with .double()) would otherwise
         # fail in the teacher's first convolution; under autocast the ops cast as before.

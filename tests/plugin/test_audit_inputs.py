@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tinymodels import NUM_CLASSES, tiny
 from deit_patch.features import FeatureKDError
 from deit_patch.masked_teacher import MAX_TAU
+from deit_patch.teacher_input import TeacherInputError
 from losses import DistillationLoss, MaskedDistillationLoss, soft_kd
 
 
@@ -96,6 +97,14 @@ def test_half_precision_batch_reaches_a_float32_teacher(dtype):
     got, keep_idx = crit.masked_teacher(x)
     assert keep_idx is None
     torch.testing.assert_close(got, want)
+
+
+def test_integer_pixels_are_refused_not_cast():
+    # The dtype cast above is for floating batches only: raw uint8 pixels would reach the teacher unnormalised.
+    _, _, crit = build(keep_ratio=1.0)
+    pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with pytest.raises(TeacherInputError, match="torch.uint8 images.*normalise"):
+        crit.masked_teacher(pixels)
 
 
 def test_loss_moved_to_double_runs_its_teacher_in_double():
