@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from . import layout
 from .layout import unwrap_model, wrapper_chain
+from .teacher_input import _caller_level
 
 
 class CaptureError(RuntimeError):
@@ -283,7 +284,7 @@ class AttentionCapture:
             warnings.warn("the student ran more than one training forward since the last loss call, and the mask is "
                           "chosen from the last one's attention: call the loss right after the forward whose outputs "
                           "it gets, and run any other forward in eval mode or under torch.no_grad()", CaptureWarning,
-                          stacklevel=4)
+                          stacklevel=_caller_level())
         if row is None:
             raise CaptureError(
                 "no student attention was captured since the last loss call: run the student on this batch in "

@@ -325,6 +325,9 @@ class ViTKD(nn.Module):
             raise FeatureKDError(f"vitkd_alpha={alpha} and vitkd_beta={beta} must be >= 0")
         self.alpha, self.beta, self.mask_ratio = float(alpha), float(beta), float(mask_ratio)
         self.layers = layers
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise FeatureKDError(f"vitkd_generator={generator!r} must be a torch.Generator (e.g. "
+                                 "torch.Generator().manual_seed(0)) or None for torch's global RNG")
         self.generator_rng = generator
         s_model, t_model = unwrap_model(student), unwrap_model(teacher)
         self.student_features = StudentFeatures(s_model, layers)

@@ -315,6 +315,8 @@ class MaskedTeacher(nn.Module):
         """
         if labels is None:
             labels = self._labels
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a (B, C, H, W) tensor, not {type(images).__name__}")
         if images.shape[0] == 0:  # an empty batch: the probe's interval divides by it, every mean would be NaN
             raise ValueError("the teacher got an empty batch (0 images): skip empty batches (e.g. "
                              "DataLoader(drop_last=True)) instead of distilling on them")
@@ -551,6 +553,7 @@ class MaskedTeacher(nn.Module):
         if not (isinstance(img_size, (tuple, list)) and len(img_size) == 2
                 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in img_size)):
             raise ValueError(f"img_size={img_size!r} must be the input's (height, width) in pixels, e.g. (224, 224)")
+        check_models(teacher=self.teacher, student=student)
         teacher = unwrap_model(self.teacher)
         full = teacher_gflops(teacher, img_size=img_size, num_keep=None)
         masked = teacher_gflops(teacher, img_size=img_size, num_keep=self.num_keep) if self.masking else full

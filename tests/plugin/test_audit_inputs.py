@@ -210,6 +210,18 @@ def test_fallback_guard_without_a_probe_is_refused():
     build(mask_guard="off", probe_every=0)  # a probe-free run stays possible
 
 
+def test_vitkd_generator_that_is_not_a_generator_is_named():
+    # Before: AttributeError: 'int' object has no attribute 'device', at the first step.
+    with pytest.raises(FeatureKDError, match="vitkd_generator=0 must be a torch.Generator"):
+        build(feature_kd="vitkd", vitkd_generator=0)
+
+
+def test_masked_teacher_called_on_a_non_tensor_is_named():
+    _, _, crit = build()
+    with pytest.raises(TypeError, match=r"images must be a \(B, C, H, W\) tensor, not NoneType"):
+        crit.masked_teacher(None)
+
+
 def test_vitkd_layers_given_as_one_int_is_named():
     with pytest.raises(FeatureKDError, match=r"vitkd_layers=1 must be a tuple of block indices"):
         build(feature_kd="vitkd", vitkd_layers=1)
@@ -246,6 +258,8 @@ def test_supervision_cost_arguments_are_named():
     _, _, crit = build()
     with pytest.raises(ValueError, match=r"img_size=32 must be the input's \(height, width\)"):
         crit.supervision_cost(img_size=32)
+    with pytest.raises(TypeError, match="student must be an nn.Module.*not str"):
+        crit.supervision_cost(img_size=(32, 32), student="model")
     idle = MaskedDistillationLoss(nn.CrossEntropyLoss(), None, "none", 0.5, 1.0)
     with pytest.raises(ValueError, match="distillation_type='none' no teacher runs"):
         idle.supervision_cost(img_size=(32, 32))

@@ -49,8 +49,9 @@ def test_two_student_forwards_before_one_loss_call_are_reported():
     x, y = data()
     out = student.train()(x)
     student(data(seed=1)[0])
-    with pytest.warns(CaptureWarning, match="more than one training forward.*right after the forward"):
+    with pytest.warns(CaptureWarning, match="more than one training forward.*right after the forward") as caught:
         crit(x, out, y)
+    assert caught[0].filename == __file__  # it points at the user's loss call, not inside the plugin
     with warnings.catch_warnings():
         warnings.simplefilter("error", CaptureWarning)  # one forward per call is silent again
         crit(x, student(x), y)
