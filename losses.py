@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from deit_patch.cost import SupervisionCost, TokenMeter
 from deit_patch.features import build_feature_kd, heads_gflops
 from deit_patch.layout import unwrap_model
-from deit_patch.masked_teacher import DEFAULT_KEEP_RATIO, MaskedTeacher, TeacherStep, check_mask_mode
+from deit_patch.masked_teacher import (DEFAULT_KEEP_RATIO, MAX_TAU, MaskedTeacher, TeacherStep, all_reduce_sum,
+                                      check_mask_mode, check_models)
 from deit_patch.teacher_input import build_renorm, check_channels
 from deit_patch.teachers import find_family
 
@@ -57,6 +58,9 @@ def split_outputs(outputs: Outputs) -> Tuple[torch.Tensor, torch.Tensor]:
         raise TypeError("student outputs must be logits or a (cls_logits, dist_logits) pair, got "
                         f"{type(outputs).__name__}{'' if not isinstance(outputs, (tuple, list)) else len(outputs)}")
     cls_out, dist_out = outputs
+    if not (isinstance(cls_out, torch.Tensor) and isinstance(dist_out, torch.Tensor)):
+        raise TypeError(f"a (cls_logits, dist_logits) student output must hold two tensors, got "
+                        f"({type(cls_out).__name__}, {type(dist_out).__name__})")
     if cls_out.shape != dist_out.shape:
         raise ValueError(f"class-token logits {tuple(cls_out.shape)} and distillation-token logits "
                          f"{tuple(dist_out.shape)} differ: a distilled student returns two heads of one shape")
@@ -68,6 +72,46 @@ def _check_finite(**values: object) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
             raise ValueError(f"{name}={value!r} must be a finite number")
+
+
+def _check_models(base_criterion: object, teacher: object, student: object) -> None:
+    # Checked where they enter: a wrong object otherwise fails deep inside the first call ('str' has no 'eval').
+    if not callable(base_criterion):
+        raise TypeError(f"base_criterion={base_criterion!r} is not callable: pass a loss module such as "
+                        "nn.CrossEntropyLoss() (or timm's SoftTargetCrossEntropy() with mixup)")
+    check_models(teacher=teacher, student=student, teacher_name="teacher_model")
+
+
+def _check_tau(tau: object) -> None:
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 < float(tau) <= MAX_TAU:
+        # NaN fails every comparison, so it lands here too.
+        raise ValueError(f"tau={tau!r} must be a finite positive temperature <= {MAX_TAU:g} (DeiT uses 1.0): above "
+                         "it the float32 softened distributions differ by less than rounding and the KD term is noise")
+
+
+def check_call(inputs: torch.Tensor, outputs: torch.Tensor, outputs_kd: torch.Tensor, labels: object) -> None:
+    """Refuse, naming the problem, a call whose tensors cannot describe one batch of images and its logits."""
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
+        raise ValueError(f"samples must be the (B, C, H, W) image batch the student just processed, got "
+                         f"{tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__}")
+    if inputs.shape[0] == 0:
+        raise ValueError("the batch is empty (0 samples): every loss term would be NaN; skip empty batches "
+                         "(e.g. DataLoader(drop_last=True)) instead of calling the loss on them")
+    for name, logits in (("student outputs", outputs), ("distillation-head outputs", outputs_kd)):
+        if logits.dim() != 2 or not logits.is_floating_point():
+            raise ValueError(f"{name} must be floating-point (batch, classes) logits, got {logits.dtype} of shape "
+                             f"{tuple(logits.shape)}: pass the student's logits, not probabilities or class indices")
+    if inputs.shape[0] != outputs.shape[0]:
+        raise ValueError(f"the loss got {inputs.shape[0]} samples but {outputs.shape[0]} student outputs: pass "
+                         "the samples the student just processed")
+    if isinstance(labels, torch.Tensor):
+        if labels.dim() == 0 or labels.shape[0] != outputs.shape[0]:
+            raise ValueError(f"labels of shape {tuple(labels.shape)} do not match the batch of "
+                             f"{outputs.shape[0]}: pass one label (or one soft-target row) per sample")
+        if labels.dim() == 2 and labels.shape != outputs.shape:
+            raise ValueError(f"soft-target labels {tuple(labels.shape)} and student logits {tuple(outputs.shape)} "
+                             "have different class counts: build the mixup/cutmix targets with num_classes equal "
+                             "to the student's")
 
 
 def _num_classes(model: nn.Module) -> Optional[int]:
@@ -115,6 +159,7 @@ class DistillationLoss(nn.Module):
                  student_mean: Optional[Sequence[float]] = None, student_std: Optional[Sequence[float]] = None,
                  renormalize: Optional[bool] = None):
         super().__init__()
+        _check_models(base_criterion, teacher_model, student)
         if distillation_type not in DISTILLATION_TYPES:
             raise ValueError(f"distillation_type={distillation_type!r} is not one of {DISTILLATION_TYPES}")
         if kd_reduction not in KD_REDUCTIONS:
@@ -125,8 +170,7 @@ class DistillationLoss(nn.Module):
         _check_finite(alpha=alpha)
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"alpha={alpha} must lie in [0, 1]: loss = (1 - alpha) * base + alpha * kd")
-        if not math.isfinite(float(tau)) or float(tau) <= 0:  # NaN passes a `<= 0` test and poisons every step
-            raise ValueError(f"tau={tau} must be a finite positive temperature (DeiT uses 1.0)")
+        _check_tau(tau)
         self.base_criterion = base_criterion
         self.distillation_type = distillation_type
         self.alpha, self.tau = float(alpha), float(tau)
@@ -156,13 +200,12 @@ class DistillationLoss(nn.Module):
     # --- the call DeiT makes ------------------------------------------------------------------------------
     def forward(self, inputs: torch.Tensor, outputs: Outputs, labels: torch.Tensor) -> torch.Tensor:
         outputs, outputs_kd = split_outputs(outputs)
+        if self.distillation_type != "none":  # 'none' is DeiT's base loss alone, whatever the criterion takes
+            check_call(inputs, outputs, outputs_kd, labels)
         base_loss = self.base_criterion(outputs, labels)
         if self.distillation_type == "none":
             self._record(LossStep(teacher=None, terms={"base": base_loss.detach()}))
             return base_loss
-        if inputs.shape[0] != outputs.shape[0]:
-            raise ValueError(f"the loss got {inputs.shape[0]} samples but {outputs.shape[0]} student outputs: pass "
-                             "the samples the student just processed")
         # The teacher: prefix tokens + the patches kept for this batch (all of them when nothing is masked).
         # With feature KD its block outputs are tapped during this same call, so features cost no extra pass.
         with self.feature_kd.tap() if self.feature_kd is not None else contextlib.nullcontext():
@@ -228,8 +271,8 @@ class DistillationLoss(nn.Module):
         sums, self._term_sums = self._term_sums, None
         out: Dict[str, float] = {}
         if sums is not None:
-            if all_reduce:
-                torch.distributed.all_reduce(sums)
+            if all_reduce:  # outside torch.distributed there is one rank: its sums are the total
+                sums = all_reduce_sum(sums)
             *totals, steps = sums.tolist()
             present = set(self.last_step.terms) if self.last_step is not None else set()
             out.update({LOSS_TERMS[k]: total / max(steps, 1.0) for k, total in zip(LOSS_TERMS, totals)
@@ -312,7 +355,7 @@ class MaskedDistillationLoss(DistillationLoss):
         self.feature_kd = build_feature_kd(
             feature_kd, student=student, teacher=teacher_model, distillation_type=distillation_type,
             compile_teacher=compile_teacher, alpha=vitkd_alpha, beta=vitkd_beta, mask_ratio=vitkd_mask_ratio,
-            layers=tuple(vitkd_layers), generator=vitkd_generator,
+            layers=vitkd_layers, generator=vitkd_generator,
             teacher_prefix=family.num_prefix(unwrap_model(teacher_model)) if family is not None else None)
         check_mask_mode(mask_mode)
         self.mask_mode = mask_mode
@@ -372,6 +415,9 @@ class MaskedDistillationLoss(DistillationLoss):
     # --- cost and description -------------------------------------------------------------------------------
     def supervision_cost(self, *, img_size: Tuple[int, int], student: Optional[nn.Module] = None) -> SupervisionCost:
         """fvcore GFLOPs/img: teacher full and at this loss's keep count, plus the student's forward."""
+        if self.masked_teacher is None:
+            raise ValueError("supervision_cost() needs a loss that distils: with distillation_type='none' no teacher "
+                             "runs, so there is no supervision to cost")
         heads = 0.0
         if self.feature_kd is not None:  # trainable heads: the aligners see kept tokens only, the generator all
             heads = heads_gflops(self.feature_kd, num_kept=self.num_keep if self.masking else None)

@@ -7,6 +7,7 @@ The hook never returns a value, so the student's outputs and gradients are untou
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import sys
 import warnings
@@ -18,10 +19,15 @@ import torch.nn as nn
 
 from . import layout
 from .layout import unwrap_model, wrapper_chain
+from .teacher_input import _caller_level
 
 
 class CaptureError(RuntimeError):
     """The student cannot provide attention scores, or the loss asked for scores it did not produce."""
+
+
+class CaptureWarning(UserWarning):
+    """The student ran more than one training forward between two loss calls: the mask follows the last one."""
 
 
 def is_compiled(model: nn.Module) -> bool:
@@ -235,11 +241,14 @@ class AttentionCapture:
         if self.compiled:
             prepare_compiled(model)
         self._scores: Optional[torch.Tensor] = None
+        self._overwritten = False  # a second training forward replaced scores no loss call had taken
         self._handle = self.attn.qkv.register_forward_hook(_ScoreHook(self, self.attn.qkv))
 
     @torch.no_grad()
     def _record(self, qkv: torch.Tensor) -> None:
         # Outside autocast: the score row is tiny, and float32 keeps bf16 ties from deciding the top-k.
+        if self._scores is not None and not self.always:
+            self._overwritten = True
         with torch.autocast(device_type=qkv.device.type, enabled=False):
             self._scores = self._class_attention(qkv)
 
@@ -268,6 +277,14 @@ class AttentionCapture:
         prefix and patch tokens is verified against the token count the model really produced.
         """
         row, self._scores = self._scores, None
+        if self._overwritten:
+            # Two views of a batch (consistency losses), or a forward for logging, between two loss calls: the
+            # scores are the last forward's, which is the batch the loss got only if it was run last.
+            self._overwritten = False
+            warnings.warn("the student ran more than one training forward since the last loss call, and the mask is "
+                          "chosen from the last one's attention: call the loss right after the forward whose outputs "
+                          "it gets, and run any other forward in eval mode or under torch.no_grad()", CaptureWarning,
+                          stacklevel=_caller_level())
         if row is None:
             raise CaptureError(
                 "no student attention was captured since the last loss call: run the student on this batch in "
@@ -305,6 +322,22 @@ class AttentionCapture:
         if side * side != num_patches:
             raise CaptureError(f"cannot infer a patch grid for {num_patches} student patches")
         return side, side
+
+    def __deepcopy__(self, memo: dict) -> "AttentionCapture":
+        # A copied loss (copy.deepcopy(criterion)) must still read the model that will run. A student outside the
+        # copied object (a loss's student) is not copied: the copy hooks the same live student with a hook of its
+        # own. A model copied along (a teacher read in 'teacher' mode, a timm task's own student, already in
+        # ``memo``) is read in its copy.
+        new = copy.copy(self)
+        memo[id(self)] = new
+        if self.always or id(self.model) in memo:
+            path = next(name for name, module in self.model.named_modules() if module is self.attn)
+            new.model = copy.deepcopy(self.model, memo)
+            new.attn = new.model.get_submodule(path)
+        new._scores, new._overwritten = None, False
+        hooked = self._handle is not None
+        new._handle = new.attn.qkv.register_forward_hook(_ScoreHook(new, new.attn.qkv)) if hooked else None
+        return new
 
     def remove(self) -> None:
         """Detach the hook; the model is left exactly as it was before."""

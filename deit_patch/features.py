@@ -32,6 +32,7 @@ On a masked teacher (kept patch indices ``keep_idx`` (B, K)) its features exist 
 from __future__ import annotations
 
 import contextlib
+import copy
 import weakref
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -137,8 +138,20 @@ class StudentFeatures:
         shallow, norm = _feature_modules(self.model, self.layers, "student")
         self.enabled = True
         self._features: Dict[int, torch.Tensor] = {}
-        modules = list(shallow) + [norm]
-        self._handles = [m.register_forward_hook(_FeatureHook(self, m, k)) for k, m in enumerate(modules)]
+        self._hooked = list(shallow) + [norm]
+        self._handles = [m.register_forward_hook(_FeatureHook(self, m, k)) for k, m in enumerate(self._hooked)]
+
+    def __deepcopy__(self, memo: dict) -> "StudentFeatures":
+        # As AttentionCapture's: the same live student through hooks of its own, or its copy if it was copied along.
+        new = copy.copy(self)
+        memo[id(self)] = new
+        if id(self.model) in memo:
+            new.model = copy.deepcopy(self.model, memo)
+            new._hooked = [copy.deepcopy(m, memo) for m in self._hooked]
+        new._features = {}
+        new._handles = ([m.register_forward_hook(_FeatureHook(new, m, k)) for k, m in enumerate(new._hooked)]
+                        if self._handles else [])
+        return new
 
     def take(self, batch_size: int) -> Tuple[List[torch.Tensor], torch.Tensor]:
         """(shallow patch tokens per layer, deep patch tokens), each (B, N, D_s); consumed, so never reused."""
@@ -300,6 +313,8 @@ class ViTKD(nn.Module):
                  mask_ratio: float = 0.5, layers: Sequence[int] = (0, 1), teacher_prefix: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, distributed: Optional[bool] = None):
         super().__init__()
+        if not isinstance(layers, (tuple, list)):
+            raise FeatureKDError(f"vitkd_layers={layers!r} must be a tuple of block indices, e.g. (0, 1)")
         layers = tuple(layers)
         if not layers or not all(isinstance(i, int) for i in layers) or len(set(layers)) != len(layers):
             raise FeatureKDError(f"vitkd_layers={layers!r} must be distinct block indices, e.g. (0, 1)")
@@ -310,6 +325,9 @@ class ViTKD(nn.Module):
             raise FeatureKDError(f"vitkd_alpha={alpha} and vitkd_beta={beta} must be >= 0")
         self.alpha, self.beta, self.mask_ratio = float(alpha), float(beta), float(mask_ratio)
         self.layers = layers
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise FeatureKDError(f"vitkd_generator={generator!r} must be a torch.Generator (e.g. "
+                                 "torch.Generator().manual_seed(0)) or None for torch's global RNG")
         self.generator_rng = generator
         s_model, t_model = unwrap_model(student), unwrap_model(teacher)
         self.student_features = StudentFeatures(s_model, layers)

@@ -14,6 +14,7 @@ It computes no loss.
 from __future__ import annotations
 
 import contextlib
+import copy
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -25,13 +26,17 @@ import torch.nn as nn
 from . import layout
 from .capture import AttentionCapture, CaptureError
 from .cost import SupervisionCost, TokenMeter, student_gflops, teacher_gflops
-from .masking import MASK_MODES, choose_patches, resolve_num_keep
+from .masking import MASK_MODES, check_keep_ratio, choose_patches, resolve_num_keep
 from .quality import FidelityProbe, MaskGuard, TeacherQuality
-from .teacher_input import InputRenorm, check_channels, check_resolution
+from .teacher_input import InputRenorm, TeacherInputError, check_channels, check_resolution
 from .layout import unwrap_model
 from .teachers import PrunedTeacher, UnsupportedTeacherError, find_family, pruned_forward, require_family, verify_family
 
 DEFAULT_KEEP_RATIO = 0.5  # the paper's 98 of 196 patches
+# The largest KD temperature the losses take: above it the float32 softened distributions differ by less than
+# rounding and the KD term is noise (measured: 0.1% off a float64 reference at 1e3, 5% at 1e4, negative at 1e5,
+# NaN once tau^2 overflows).
+MAX_TAU = 1e3
 
 
 class TeacherModeWarning(UserWarning):
@@ -63,6 +68,32 @@ def check_num_keep(num_keep: Any) -> None:
     if isinstance(num_keep, bool) or (num_keep is not None and not isinstance(num_keep, numbers.Integral)):
         raise TypeError(f"num_keep={num_keep!r} must be an int count of teacher patches (e.g. num_keep=98), "
                         f"not {type(num_keep).__name__}")
+
+
+def check_models(*, teacher: Any, student: Any, teacher_name: str = "teacher") -> None:
+    """Both models must be modules, and two different ones (the teacher is held in eval mode every step)."""
+    for name, model in ((teacher_name, teacher), ("student", student)):
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"{name} must be an nn.Module (a built model, plain, DDP-wrapped or compiled), "
+                            f"not {type(model).__name__}")
+    if teacher is not None and student is not None and unwrap_model(teacher) is unwrap_model(student):
+        raise ValueError(f"{teacher_name} is the student itself: the teacher is kept in eval mode, which would switch "
+                         "the student out of training; pass a separate teacher (a copy of the student for "
+                         "self-distillation)")
+
+
+def check_settings(*, teacher: Any, student: Any, teacher_dtype: Any, compile_teacher: Any, probe_every: Any,
+                   mask_guard: Any) -> None:
+    """Refuse, where they enter, objects and flags that would otherwise fail deep in the first step or do nothing."""
+    check_models(teacher=teacher, student=student)
+    if teacher_dtype is not None and not (isinstance(teacher_dtype, torch.dtype) and teacher_dtype.is_floating_point):
+        raise TypeError(f"teacher_dtype={teacher_dtype!r} must be a floating torch.dtype (torch.bfloat16, "
+                        "torch.float16) or None for the teacher's own")
+    if not isinstance(compile_teacher, bool):  # bool('no') is True: a string would switch compilation on
+        raise TypeError(f"compile_teacher={compile_teacher!r} must be True or False")
+    if mask_guard == "fallback" and probe_every == 0:
+        raise ValueError("mask_guard='fallback' acts on the fidelity probe, which probe_every=0 turns off, so it "
+                         "could never act: leave probe_every at None (or a positive interval), or use mask_guard='off'")
 
 
 def _reference_grid(model: nn.Module) -> Optional[Tuple[int, int]]:
@@ -105,13 +136,16 @@ class MaskedTeacher(nn.Module):
                  probe_every: Optional[int] = None, probe_images: int = 8, mask_guard: str = "warn",
                  guard_fallback: str = "random"):
         super().__init__()
+        check_settings(teacher=teacher, student=student, teacher_dtype=teacher_dtype, compile_teacher=compile_teacher,
+                       probe_every=probe_every, mask_guard=mask_guard)
         check_mask_mode(mask_mode)
         check_num_keep(num_keep)
+        check_keep_ratio(keep_ratio)
         self.teacher = teacher
         self.renorm = renorm
         self.mask_mode = mask_mode
         self.teacher_dtype = teacher_dtype
-        self.compile_teacher = bool(compile_teacher)
+        self.compile_teacher = compile_teacher
         self.meter = TokenMeter()
         self.last_step: Optional[TeacherStep] = None
         self.capture: Optional[AttentionCapture] = None
@@ -131,11 +165,28 @@ class MaskedTeacher(nn.Module):
         if teacher_dtype is not None:
             teacher.to(dtype=teacher_dtype)
         self._dtype_given = teacher_dtype is not None
+        self._input_dtype: Optional[torch.dtype] = None  # the teacher's parameter dtype, which its input must have
         self._follow_teacher_dtype()
         self._resolve_keep(keep_ratio, num_keep)
         if self.masking:
             verify_family(teacher, self.family)  # before any hook: one probe pass, refuses a mis-described teacher
             self.capture = self._build_capture(student)
+
+    def __deepcopy__(self, memo: dict) -> "MaskedTeacher":
+        # A copy shares nothing mutable with this one; its compiled forward is rebuilt on first use (a compiled
+        # module cannot be copied), and its capture reads the same student (AttentionCapture.__deepcopy__).
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = None if key == "_compiled" else copy.deepcopy(value, memo)
+        new._compiled_batch = 0
+        return new
+
+    def __reduce_ex__(self, protocol: Any):
+        # pickle/torch.save would fail deep inside, on a hook handle or a family's matcher function.
+        raise TypeError("a masked teacher (and a distillation loss or timm task holding one) cannot be pickled: it "
+                        "is bound to a live student by hooks; checkpoint the models' state_dict() and "
+                        "criterion.guard_state() (ViTKD heads: criterion.feature_heads.state_dict()) and rebuild it")
 
     # --- construction -----------------------------------------------------------------------------------------
     def _resolve_keep(self, keep_ratio: Optional[float], num_keep: Optional[int]) -> None:
@@ -203,12 +254,21 @@ class MaskedTeacher(nn.Module):
         Only on a teacher built with masking (the hook and pruning are set up at construction): build it with the
         schedule's target and raise the count from there; ``keep_ratio=1.0`` then runs the full teacher.
         """
+        if not self.masking and self.guard.switched is not None:
+            # The mask guard switched this run to the full teacher; a keep schedule's next step must not stop the
+            # run (it did, with "needs a loss built with masking"). The count is checked and kept, the switch stands.
+            check_num_keep(num_keep)
+            check_keep_ratio(keep_ratio)
+            resolve_num_keep(num_patches=self.num_patches or 1, keep_ratio=keep_ratio, num_keep=num_keep)
+            self.keep_ratio, self.keep_count = keep_ratio, num_keep
+            return
         if not self.masking:
             raise ValueError("set_keep() needs a loss built with masking (keep_ratio < 1 or num_keep < all patches "
                              "and a mask_mode other than 'none'): build it with the schedule's target keep ratio")
         if (keep_ratio is None) == (num_keep is None):
             raise ValueError("set_keep() takes exactly one of keep_ratio= or num_keep=")
         check_num_keep(num_keep)
+        check_keep_ratio(keep_ratio)
         self.num_keep = resolve_num_keep(num_patches=self.num_patches, keep_ratio=keep_ratio, num_keep=num_keep)
         self.keep_ratio, self.keep_count = keep_ratio, num_keep
         self._keep_cache.clear()
@@ -238,8 +298,13 @@ class MaskedTeacher(nn.Module):
     def prepare_input(self, images: torch.Tensor) -> torch.Tensor:
         """The batch as the teacher takes it: its channels checked, its statistics and dtype."""
         check_channels(teacher=self.teacher, samples=images)  # a shape test: no device sync
+        if not images.is_floating_point():  # raw uint8 pixels would be cast to float below, unnormalised
+            raise TeacherInputError(f"the teacher got {images.dtype} images: it takes normalised floating-point "
+                                    "images; convert and normalise them in the data pipeline (ToTensor, Normalize)")
         x = self.renorm(images) if self.renorm is not None else images
-        return x.to(self.teacher_dtype) if self.teacher_dtype is not None else x
+        # The teacher's own dtype: a half-precision student batch (or a loss moved with .double()) would otherwise
+        # fail in the teacher's first convolution; under autocast the ops cast as before.
+        return x.to(self._input_dtype) if self._input_dtype is not None and x.dtype != self._input_dtype else x
 
     def forward(self, images: torch.Tensor, scores: Optional[torch.Tensor] = None, *,
                 labels: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -250,6 +315,11 @@ class MaskedTeacher(nn.Module):
         """
         if labels is None:
             labels = self._labels
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a (B, C, H, W) tensor, not {type(images).__name__}")
+        if images.shape[0] == 0:  # an empty batch: the probe's interval divides by it, every mean would be NaN
+            raise ValueError("the teacher got an empty batch (0 images): skip empty batches (e.g. "
+                             "DataLoader(drop_last=True)) instead of distilling on them")
         self._keep_eval()
         self._follow_teacher_dtype()
         # bf16 weights: the caller's autocast (fp16 in DeiT) would recast them op by op and, fp16 around a bf16
@@ -279,13 +349,23 @@ class MaskedTeacher(nn.Module):
         param = next(self.teacher.parameters(), None)
         if param is None or not param.is_floating_point():
             return
+        self._input_dtype = param.dtype
         wanted = param.dtype if param.dtype in (torch.bfloat16, torch.float16) else None
         if wanted != self.teacher_dtype:
             self.teacher_dtype = wanted
             self._compiled_batch = 0  # a compiled forward traced for another dtype is rebuilt
 
+    def _run_full(self, x: torch.Tensor) -> torch.Tensor:
+        """The unmodified teacher on a prepared batch; its output checked to be logits."""
+        logits = self.teacher(x)
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"teacher {type(unwrap_model(self.teacher)).__name__} returned {type(logits).__name__}, "
+                            "not a logits tensor: wrap it in an nn.Module whose forward returns the (batch, classes) "
+                            "logits (e.g. output.logits of a Hugging Face model)")
+        return logits
+
     def _full(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.teacher(self.prepare_input(images))
+        logits = self._run_full(self.prepare_input(images))
         self._count(images, kept=None, keep_idx=None)
         return logits
 
@@ -357,7 +437,7 @@ class MaskedTeacher(nn.Module):
         if capture is not None:
             capture.enabled = False  # 'teacher' mode: these passes must not leave scores behind
         try:
-            full = self.teacher(few)
+            full = self._run_full(few)
             random_idx = self.probe.random_keep(few.shape[0], patches, kept, few.device)
             random = pruned_forward(self.teacher, few, random_idx, self.family)
         finally:
@@ -370,7 +450,7 @@ class MaskedTeacher(nn.Module):
     def _judge(self, result) -> None:
         if not self.guard.active or self.mask_mode == "random":  # random masks are the reference, not judged
             return
-        verdict = self.guard.check(result, reduce=_all_reduce)
+        verdict = self.guard.check(result, reduce=all_reduce_sum)
         if verdict is None:
             return
         self.guard.fired_since_pop = True
@@ -384,10 +464,18 @@ class MaskedTeacher(nn.Module):
         elif first:
             self.guard.warn(message)
 
-    def apply_fallback(self, *, reason: Optional[dict] = None) -> None:
-        """Switch this run to the guard's fallback: random patches at the same keep count, or every patch."""
+    def apply_fallback(self, *, reason: Optional[dict] = None, to: Optional[str] = None) -> None:
+        """Switch this run to the guard's fallback: random patches at the same keep count, or every patch.
+
+        ``to``: the mask mode a checkpoint recorded switching to ('random' or 'none'); default: this guard's.
+        """
         before = self.mask_mode
-        if self.guard.fallback == "random":
+        if to is None:
+            to = "random" if self.guard.fallback == "random" else NO_MASK
+        if to not in ("random", NO_MASK):
+            raise ValueError(f"the guard state's switch goes to {to!r}, not 'random' or {NO_MASK!r}: pass the dict "
+                             "guard_state() returned")
+        if to == "random":
             self.mask_mode = "random"
             self.remove_hooks()  # random masks read no scores
         else:
@@ -405,17 +493,21 @@ class MaskedTeacher(nn.Module):
         """Restore a checkpoint's guard decisions; a recorded fallback switch is applied again."""
         if not state:
             return
+        if not isinstance(state, dict):
+            raise TypeError(f"load_guard_state() takes the dict guard_state() returned, not {type(state).__name__}")
         self.guard.fired = state.get("fired")
         switched = state.get("switched")
         if switched and self.guard.switched is None and self.masking:
-            self.apply_fallback(reason=switched.get("window"))
+            # The switch the run made, not what this loss's guard_fallback would choose: a run that fell back to
+            # the full teacher must not resume on random masks while its state says 'none'.
+            self.apply_fallback(reason=switched.get("window"), to=switched.get("to"))
             self.guard.switched = dict(switched)
 
     def pop_stats(self, *, all_reduce: bool = False) -> Dict[str, float]:
         """The teacher's figures since the last call, then reset: patch share, prefix tokens, top-1, entropy, the
         probe's comparisons and the guard's state (one host sync; ``all_reduce`` sums over torch.distributed ranks,
         and every rank must then call it)."""
-        reduce = _all_reduce if all_reduce else (lambda t: t)
+        reduce = all_reduce_sum if all_reduce else (lambda t: t)
         meter = self.meter
         out: Dict[str, float] = {}
         if meter.images:
@@ -458,6 +550,10 @@ class MaskedTeacher(nn.Module):
     def supervision_cost(self, *, img_size: Tuple[int, int], student: Optional[nn.Module] = None,
                          feature_heads: float = 0.0) -> SupervisionCost:
         """fvcore GFLOPs/img: the teacher full and at this keep count, the mask choice, the student's forward."""
+        if not (isinstance(img_size, (tuple, list)) and len(img_size) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in img_size)):
+            raise ValueError(f"img_size={img_size!r} must be the input's (height, width) in pixels, e.g. (224, 224)")
+        check_models(teacher=self.teacher, student=student)
         teacher = unwrap_model(self.teacher)
         full = teacher_gflops(teacher, img_size=img_size, num_keep=None)
         masked = teacher_gflops(teacher, img_size=img_size, num_keep=self.num_keep) if self.masking else full
@@ -499,7 +595,8 @@ class MaskedTeacher(nn.Module):
         return f"mask_mode={self.mask_mode!r}, num_keep={self.num_keep}/{self.num_patches}, family={self.family.name}"
 
 
-def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over torch.distributed ranks (a copy); ``tensor`` itself outside torch.distributed."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         tensor = tensor.clone()
         torch.distributed.all_reduce(tensor)

@@ -6,6 +6,7 @@ tokens keep their raster order (the teacher's output does not depend on it, but 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -97,8 +98,16 @@ def select_patches(mode: str, *, scores: Optional[torch.Tensor], batch_size: int
     return selector(scores=scores, batch_size=batch_size, num_patches=num_patches, num_keep=num_keep, device=device)
 
 
+def check_keep_ratio(keep_ratio: Any) -> None:
+    """Refuse a keep_ratio that is not a number: True compares equal to 1.0 (silently unmasked), '0.5' is text."""
+    if keep_ratio is not None and (isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real)):
+        raise TypeError(f"keep_ratio={keep_ratio!r} must be a number, the fraction of teacher patches kept "
+                        f"(e.g. keep_ratio=0.5), not {type(keep_ratio).__name__}")
+
+
 def resolve_num_keep(*, num_patches: int, keep_ratio: Optional[float], num_keep: Optional[int]) -> int:
     """The teacher patch count to keep, from a ratio or an absolute count (both given must agree)."""
+    check_keep_ratio(keep_ratio)
     if keep_ratio is not None and not 0.0 < float(keep_ratio) <= 1.0:
         raise ValueError(f"keep_ratio={keep_ratio} is outside (0, 1]: give the fraction of teacher patches to keep, "
                          "e.g. 0.5, or 1.0 to disable masking")
@@ -138,8 +147,11 @@ def scheduled_keep_ratio(epoch: int, *, target: float, warmup_epochs: int, shape
     for name, value in (("target", target), ("start", start)):
         if not 0.0 < float(value) <= 1.0:
             raise ValueError(f"keep schedule {name}={value} is outside (0, 1]: give a fraction of teacher patches")
-    if warmup_epochs < 0:
-        raise ValueError(f"warmup_epochs={warmup_epochs} must be >= 0 (0: the target from the first epoch)")
+    for name, value in (("epoch", epoch), ("warmup_epochs", warmup_epochs)):
+        # A negative epoch extrapolated past the start (keep 1.125); a fractional warm-up never lands on the target.
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"{name}={value!r} must be a whole number >= 0"
+                             + (" (0: the target from the first epoch)" if name == "warmup_epochs" else ""))
     if epoch >= warmup_epochs:
         return float(target)
     return float(start) + (float(target) - float(start)) * KEEP_SCHEDULES[shape](epoch / warmup_epochs)

@@ -115,8 +115,10 @@ class InputRenorm(nn.Module):
 
 
 def _caller_level() -> int:
-    """``warnings`` stacklevel of the first frame outside the plugin, so the warning points at the user's line."""
-    plugin = (str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent / "losses.py"))
+    """``warnings`` stacklevel of the first frame outside the plugin (and torch's module call machinery, which runs
+    between a user's ``criterion(...)`` and the plugin's forward), so the warning points at the user's line."""
+    plugin = (str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent / "losses.py"),
+              str(Path(nn.Module.__call__.__code__.co_filename).resolve().parent))
     frame, level = sys._getframe(1), 1
     while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(plugin):
         frame, level = frame.f_back, level + 1

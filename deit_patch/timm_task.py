@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .layout import unwrap_model
 from .cost import SupervisionCost, TokenMeter
-from .masked_teacher import MaskedTeacher, check_mask_mode, check_num_keep
+from .masked_teacher import MAX_TAU, MaskedTeacher, check_mask_mode, check_num_keep
 from .quality import quality_summary
 
 try:
@@ -292,13 +292,20 @@ def _check_numbers(given: Dict[str, Any]) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
             raise ValueError(f"{name}={value!r} must be a finite number")
+        if name == "temperature" and value > MAX_TAU:
+            raise ValueError(f"temperature={value!r} must be <= {MAX_TAU:g}: above it the float32 softened "
+                             "distributions differ by less than rounding and the distillation loss is noise")
         if (value <= 0) if name == "temperature" else (value < 0):
             raise ValueError(f"{name}={value!r} must be {'> 0' if name == 'temperature' else '>= 0'}")
 
 
 def bind_task_args(cls: type, args: tuple, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """The timm constructor arguments ``args``/``kwargs`` name, by parameter name (``self`` excluded)."""
-    bound = inspect.signature(cls.timm_base.__init__).bind_partial(None, *args, **kwargs).arguments
+    try:
+        bound = inspect.signature(cls.timm_base.__init__).bind_partial(None, *args, **kwargs).arguments
+    except TypeError as err:  # inspect's own message names no class: say whose arguments these are
+        raise TypeError(f"{cls.__name__}: {err}; it takes timm's {cls.timm_base.__name__} arguments plus keep_ratio, "
+                        "num_keep, mask_mode, mask_guard, guard_fallback, probe_every and probe_images") from None
     bound.pop("self", None)
     return bound
 
