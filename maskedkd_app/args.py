@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from deit_patch.argtypes import (KeywordArgs, Number, OneLineParser, finite_float, fraction, keep_fraction,
                                  non_negative_float, non_negative_int, positive_float, positive_int, probability, rate,
                                  seed_int)
+from deit_patch.masked_teacher import MAX_TAU
 from deit_patch.masking import KEEP_SCHEDULES, MASK_MODES
 from deit_patch.quality import GUARD_ACTIONS, GUARD_FALLBACKS
 
@@ -312,6 +313,12 @@ def check_combinations(args: argparse.Namespace) -> None:
     if args.mask_mode == "none" and (args.num_keep is not None or args.keep_ratio not in (None, 1.0)):
         shown = f"--num-keep {args.num_keep}" if args.num_keep is not None else f"--keep-ratio {args.keep_ratio}"
         refuse(f"--mask-mode none runs the whole teacher, so {shown} would be ignored: drop one or the other")
+    if args.distillation_tau > MAX_TAU:
+        refuse(f"--distillation-tau {args.distillation_tau:g} is above {MAX_TAU:g}: the float32 softened "
+               "distributions then differ by less than rounding and the KD term is noise; DeiT uses 1.0")
+    if args.mask_guard == "fallback" and args.probe_every == 0:
+        refuse("--mask-guard fallback acts on the fidelity probe, which --probe-every 0 turns off: drop "
+               "--probe-every 0 (the default interval costs <= 1%), or use --mask-guard off")
     if len(set(args.vitkd_layers)) != len(args.vitkd_layers):
         refuse(f"--vitkd-layers {' '.join(map(str, args.vitkd_layers))} repeats a block: list each block once")
     if args.mixup_mode not in MIXUP_MODES:

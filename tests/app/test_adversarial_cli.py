@@ -241,3 +241,13 @@ def test_mask_study_refuses_a_root_without_a_reproduction_and_bad_numbers(argv, 
         mask_study.main(argv + ([] if "--root" in argv else ["--root", str(tmp_path)]))
     err = capsys.readouterr().err
     assert done.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("extra, flag, says", [
+    (["--distillation-tau", "5000"], "--distillation-tau 5000", "above 1000"),  # the loss refused it by its own name
+    (["--mask-guard", "fallback", "--probe-every", "0"], "--probe-every 0", "turns off"),
+])
+def test_loss_settings_the_plugin_refuses_are_refused_by_their_flag(extra, flag, says, teacher_ckpt,  # noqa: F811
+                                                                     capsys):
+    # The loss refuses these too, but in its own parameter names (tau=, probe_every=) after the teacher is built.
+    refused(BASE + distil(teacher_ckpt) + extra, capsys, flag, says)
