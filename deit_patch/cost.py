@@ -139,20 +139,25 @@ class SupervisionCost:
             rows.append(("teacher GFLOPs/img, run average (keep schedule)", f"{self.teacher_scheduled:.3f}"))
         if self.extra_teacher:
             rows.append(("teacher GFLOPs/img choosing the mask", f"{self.extra_teacher:.3f}"))
-        rows += [
-            ("teacher compute saved", f"{100 * self.saving:.1f}%"),
-            ("student GFLOPs/img, forward", f"{self.student_forward:.3f}"),
-            ("student GFLOPs/img, training (3x fwd)", f"{self.student_train:.3f}"),
-        ]
+        rows.append(("teacher compute saved", f"{100 * self.saving:.1f}%"))
         # Trainable heads train like the student (forward + backward ~ 3 forwards) and count as supervision.
         heads_train = 3.0 * self.feature_heads
         if self.feature_heads:
             rows.append(("feature heads GFLOPs/img, training (3x fwd)", f"{heads_train:.3f}"))
+        if not self.student_forward:  # not costed: a share of a step without the student's part would read 100%
+            return _format_rows(rows + [("student GFLOPs/img", "not costed (pass student=model)")])
+        rows += [
+            ("student GFLOPs/img, forward", f"{self.student_forward:.3f}"),
+            ("student GFLOPs/img, training (3x fwd)", f"{self.student_train:.3f}"),
+        ]
         supervision = self.teacher_per_step + heads_train
-        rows.append(("supervision share of a step", f"{100 * supervision / (supervision + self.student_train):.1f}%"
-                     if supervision + self.student_train else "n/a"))
-        width = max(len(r[0]) for r in rows)
-        return "\n".join(f"  {name:<{width}}  {value:>10}" for name, value in rows)
+        rows.append(("supervision share of a step", f"{100 * supervision / (supervision + self.student_train):.1f}%"))
+        return _format_rows(rows)
+
+
+def _format_rows(rows) -> str:
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"  {name:<{width}}  {value:>10}" for name, value in rows)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from . import layout
 from .layout import unwrap_model
 from .cost import SupervisionCost, TokenMeter
 from .masked_teacher import MAX_TAU, MaskedTeacher, check_mask_mode, check_num_keep
@@ -262,8 +263,7 @@ class _MaskedTaskMixin:
         masked = self.masked_teacher
         teacher = masked.teacher if masked is not None else self.teacher.model
         if img_size is None:
-            img_size = tuple(getattr(getattr(unwrap_model(teacher), "patch_embed", None), "img_size", None)
-                             or (224, 224))
+            img_size = layout.built_image_size(teacher) or layout.probe_image_size(teacher) or (224, 224)
         if masked is None:  # an unmasked view of the same teacher, for the same table
             masked = MaskedTeacher(teacher, keep_ratio=1.0, mask_mode="none")
         return masked.supervision_cost(img_size=img_size, student=unwrap_model(_student_of(self)))

@@ -59,6 +59,16 @@ def test_student_gflops_and_table():
     cost = SupervisionCost(teacher_full=4.0, teacher_masked=2.2, student_forward=1.0, num_keep=98, num_patches=196)
     assert cost.saving == pytest.approx(0.45) and cost.student_train == 3.0
     assert "45.0%" in cost.table() and cost.as_dict()["teacher_gflops_masked"] == 2.2
+    # supervision share = the masked teacher (2.2 GFLOPs) / (that + the student trained: 3 x 1.0)
+    share = 2.2 / (2.2 + 3.0)
+    assert f"{100 * share:.1f}%" in cost.table()
+
+
+def test_table_without_the_student_does_not_claim_the_whole_step():
+    # Without student= the student's cost is unknown: the share of a step used to read 100.0%.
+    table = SupervisionCost(teacher_full=4.0, teacher_masked=2.2, student_forward=0.0, num_keep=98,
+                            num_patches=196).table()
+    assert "100.0%" not in table and "supervision share" not in table and "pass student=model" in table
 
 
 def test_loss_supervision_cost_uses_its_keep_count():
