@@ -113,7 +113,9 @@ def test_real_families_are_probed_on_their_tiny_builds():
     expected = {"eva.Eva": coverage.MASKED, "beit.Beit": coverage.MASKED,
                 "swin_transformer.SwinTransformer": coverage.UNMASKED, "resnet.ResNet": coverage.UNMASKED}
     for family, row in rows.items():
-        if row.tiny:  # a family whose tiny build this timm cannot make is not judged here
+        # A token family whose tiny build this timm cannot make is not judged here; a CNN needs no tiny build.
+        if row.tiny or family == "resnet.ResNet":
             assert row.status == expected[family], (family, row.detail)
-    assert "shifted-window" in rows.get("swin_transformer.SwinTransformer", coverage.Row(
-        "", 0, "", "", "shifted-window", False)).detail
+    if "swin_transformer.SwinTransformer" not in rows:
+        pytest.skip(f"timm {timm.__version__} lists no Swin model probed here")
+    assert "shifted-window" in rows["swin_transformer.SwinTransformer"].detail

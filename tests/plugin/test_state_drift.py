@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from tinymodels import NUM_CLASSES, tiny
+from deit_patch.capture import CaptureError, CaptureWarning
 from deit_patch.masked_teacher import TeacherModeWarning
 from losses import FeatureHeadsWarning, MaskedDistillationLoss
 
@@ -34,19 +35,19 @@ def test_teacher_put_in_train_mode_is_put_back_and_said_once():
 
 
 def test_teacher_converted_to_bf16_by_hand_runs_on_its_own_dtype():
-    student, teacher = tiny(seed=1), tiny(seed=2)
-    reference = MaskedDistillationLoss(nn.CrossEntropyLoss(), tiny(seed=2), "soft", 0.5, 1.0, student=student,
+    student, twin, teacher = tiny(seed=1), tiny(seed=1), tiny(seed=2)  # twin: the same weights, its own hooks
+    reference = MaskedDistillationLoss(nn.CrossEntropyLoss(), tiny(seed=2), "soft", 0.5, 1.0, student=twin,
                                        teacher_dtype=torch.bfloat16)
     teacher.to(torch.bfloat16)  # by hand, without teacher_dtype=
     crit = MaskedDistillationLoss(nn.CrossEntropyLoss(), teacher, "soft", 0.5, 1.0, student=student)
     assert "bfloat16" in crit.describe()
     x, y = data()
-    out = student(x)
-    torch.manual_seed(0)
-    got = crit(x, out, y)
-    out = student(x)
-    torch.manual_seed(0)
-    torch.testing.assert_close(got, reference(x, out, y))  # exactly the declared bf16 path
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CaptureWarning)  # each loss reads its own student's one forward
+        torch.manual_seed(0)
+        got = crit(x, student(x), y)
+        torch.manual_seed(0)
+        torch.testing.assert_close(got, reference(x, twin(x), y))  # exactly the declared bf16 path
 
 
 def test_vitkd_heads_left_out_of_the_optimizer_are_reported():
@@ -96,7 +97,7 @@ def test_hooked_student_can_be_saved_whole_and_its_copy_leaves_the_loss_alone(tm
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), student.eval()(x))
     loaded.train()(x)  # the saved copy's hooks are inert: nothing reaches the live loss
-    with pytest.raises(Exception, match="no student attention was captured"):
+    with pytest.raises(CaptureError, match="no student attention was captured"):
         crit(x, torch.zeros(4, NUM_CLASSES), y)
     loss = crit(x, student.train()(x), y)  # the live student's hooks still work
     assert torch.isfinite(loss) and crit.last_step.keep_idx.shape == (4, 8)
