@@ -210,20 +210,26 @@ class MaskedTeacher(nn.Module):
             # cost table and describe() report.
             rows, cols = _reference_grid(teacher)
             self.num_patches = rows * cols
-            if num_keep is not None and layout.is_dynamic_size(teacher):
-                # A dynamic-size teacher may meet larger batches than it was built for: an absolute count is
-                # checked against each batch's real patch count (keep_for), here only for being a count at all.
-                self.num_keep = resolve_num_keep(num_patches=max(self.num_patches, int(num_keep)), keep_ratio=None,
-                                                 num_keep=num_keep)
-            else:
-                self.num_keep = resolve_num_keep(num_patches=self.num_patches, keep_ratio=keep_ratio,
-                                                 num_keep=num_keep)
+            self.num_keep = self._resolve_at_built_size(keep_ratio=keep_ratio, num_keep=num_keep)
         else:
             resolve_num_keep(num_patches=1, keep_ratio=keep_ratio, num_keep=None)  # range check only
-        # A dynamic-size teacher's count may exceed the built grid's patches: masked unless it keeps them all.
-        if masking_asked and self.num_keep is not None and self.num_keep != self.num_patches:
+        # A count on a size-following teacher is judged per batch (keep_for: every patch there runs it unmasked);
+        # otherwise it masks unless it keeps every patch of the built grid.
+        per_batch = num_keep is not None and layout.is_dynamic_size(teacher)
+        if masking_asked and self.num_keep is not None and (per_batch or self.num_keep != self.num_patches):
             self.family = family
             self.prefix = family.num_prefix(unwrap_model(teacher))
+
+    def _resolve_at_built_size(self, *, keep_ratio: Optional[float], num_keep: Optional[int]) -> int:
+        """The keep count at the built grid: what the cost table and describe() report, checked now.
+
+        A size-following teacher may meet larger batches than it was built for, so an absolute count there is only
+        checked for being a count; keep_for checks it against each batch's real patch count.
+        """
+        if num_keep is not None and layout.is_dynamic_size(self.teacher):
+            return resolve_num_keep(num_patches=max(self.num_patches, int(num_keep)), keep_ratio=None,
+                                    num_keep=num_keep)
+        return resolve_num_keep(num_patches=self.num_patches, keep_ratio=keep_ratio, num_keep=num_keep)
 
     def _build_capture(self, student: Optional[nn.Module]) -> Optional[AttentionCapture]:
         source = MASK_MODES[self.mask_mode][1]
@@ -269,7 +275,7 @@ class MaskedTeacher(nn.Module):
             raise ValueError("set_keep() takes exactly one of keep_ratio= or num_keep=")
         check_num_keep(num_keep)
         check_keep_ratio(keep_ratio)
-        self.num_keep = resolve_num_keep(num_patches=self.num_patches, keep_ratio=keep_ratio, num_keep=num_keep)
+        self.num_keep = self._resolve_at_built_size(keep_ratio=keep_ratio, num_keep=num_keep)
         self.keep_ratio, self.keep_count = keep_ratio, num_keep
         self._keep_cache.clear()
         self.__dict__["_compiled"] = None  # a new keep count is a new static shape

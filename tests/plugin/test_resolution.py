@@ -86,3 +86,18 @@ def test_set_keep_refuses_on_an_unmasked_loss():
     crit = MaskedDistillationLoss(nn.CrossEntropyLoss(), teacher, "soft", 0.5, 1.0, student=student, keep_ratio=1.0)
     with pytest.raises(ValueError, match="build it with the schedule's target"):
         crit.set_keep(keep_ratio=0.5)
+
+
+def test_absolute_keep_count_on_a_size_following_teacher_is_judged_per_batch():
+    # num_keep equal to the built grid's 16 patches used to switch masking off for good: at 48 px (36 patches)
+    # the teacher then saw all 36 instead of 16; set_keep refused a count the constructor had accepted.
+    from deit_patch.masked_teacher import MaskedTeacher
+    teacher = tiny("vit_small_patch16_224", dynamic_img_size=True)  # 32 px, patch 8: 4 x 4 as built
+    masked = MaskedTeacher(teacher, num_keep=16, mask_mode="random")
+    assert masked.masking
+    masked(torch.randn(2, 3, 48, 48))
+    assert (masked.last_step.num_kept, masked.last_step.num_patches) == (16, 36)
+    masked(torch.randn(2, 3, 32, 32))
+    assert masked.last_step.keep_idx is None and masked.last_step.num_kept == 16  # every patch: the plain teacher
+    masked.set_keep(num_keep=20)
+    assert masked.keep_for((48, 48)) == ((6, 6), 20)
