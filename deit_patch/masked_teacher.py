@@ -158,6 +158,10 @@ class MaskedTeacher(nn.Module):
         self._compiled_batch = 0
         self._compile_kwargs: dict = {"dynamic": False}
         self._keep_cache: dict = {}
+        # Facts about the teacher's structure, read once: the step only compares shapes against them.
+        self._grid_cache: Dict[Tuple[int, int], Optional[Tuple[int, int]]] = {}
+        self._in_chans = layout.input_channels(teacher)
+        self._plain_prefix = self._unmasked_prefix()
         self.quality = TeacherQuality()
         self.probe = FidelityProbe(every=probe_every, images=probe_images)
         self.guard = MaskGuard(action=mask_guard, fallback=guard_fallback)
@@ -285,7 +289,8 @@ class MaskedTeacher(nn.Module):
         image_hw = (int(image_hw[0]), int(image_hw[1]))
         cached = self._keep_cache.get(image_hw)
         if cached is None:
-            grid = layout.patch_grid(self.teacher, image_hw)
+            check_resolution(self.teacher, image_hw)
+            grid = self._grid_at(image_hw)
             if grid is None:
                 raise UnsupportedTeacherError(
                     f"teacher {type(unwrap_model(self.teacher)).__name__} has no patch grid at "
@@ -303,7 +308,7 @@ class MaskedTeacher(nn.Module):
     # --- one step -------------------------------------------------------------------------------------------------
     def prepare_input(self, images: torch.Tensor) -> torch.Tensor:
         """The batch as the teacher takes it: its channels checked, its statistics and dtype."""
-        check_channels(teacher=self.teacher, samples=images)  # a shape test: no device sync
+        check_channels(teacher=self.teacher, samples=images, channels=self._in_chans)  # a shape test, no sync
         if not images.is_floating_point():  # raw uint8 pixels would be cast to float below, unnormalised
             raise TeacherInputError(f"the teacher got {images.dtype} images: it takes normalised floating-point "
                                     "images; convert and normalise them in the data pipeline (ToTensor, Normalize)")
@@ -381,7 +386,6 @@ class MaskedTeacher(nn.Module):
             raise CaptureError(f"this loss's attention hook was removed by remove_hooks(), so mask_mode="
                                f"{self.mask_mode!r} has no scores: build a new MaskedDistillationLoss to train on")
         image_hw = (int(images.shape[-2]), int(images.shape[-1]))
-        check_resolution(self.teacher, image_hw)
         grid, kept = self.keep_for(image_hw)
         batch = images.shape[0]
         if kept == grid[0] * grid[1]:  # a schedule at keep 1.0: the unmodified teacher, exactly as DeiT runs it
@@ -536,21 +540,29 @@ class MaskedTeacher(nn.Module):
     def _count(self, images: torch.Tensor, *, kept: Optional[int], keep_idx: Optional[torch.Tensor],
                grid: Optional[Tuple[int, int]] = None) -> None:
         batch = images.shape[0]
-        grid = grid or layout.patch_grid(self.teacher, tuple(images.shape[-2:]))
+        grid = grid or self._grid_at((int(images.shape[-2]), int(images.shape[-1])))
         if grid is None:  # no patch tokens to count (a CNN, a hierarchical model): counted as DeiT runs it
             step = TeacherStep(batch=batch, num_patches=0, num_kept=0, num_prefix=0)
         else:
             patches = grid[0] * grid[1]
-            prefix = self.prefix if self.masking else self._unmasked_prefix()
+            prefix = self.prefix if self.masking else self._plain_prefix
             step = TeacherStep(batch=batch, num_patches=patches, num_kept=patches if kept is None else kept,
                                num_prefix=prefix, keep_idx=keep_idx)
         self.meter.update(batch=batch, prefix=step.num_prefix, kept=step.num_kept, patches=step.num_patches)
         self.last_step = step
 
+    def _grid_at(self, image_hw: Tuple[int, int]) -> Optional[Tuple[int, int]]:
+        if image_hw not in self._grid_cache:  # layout walks the model's attributes: once per resolution
+            self._grid_cache[image_hw] = layout.patch_grid(self.teacher, image_hw)
+        return self._grid_cache[image_hw]
+
     def _unmasked_prefix(self) -> int:
         model = unwrap_model(self.teacher)
         family = find_family(model)  # timm < 0.6 distilled ViTs carry 2 prefix tokens and no num_prefix_tokens
-        return family.num_prefix(model) if family is not None else (layout.prefix_tokens(model) or 0)
+        try:
+            return family.num_prefix(model) if family is not None else (layout.prefix_tokens(model) or 0)
+        except UnsupportedTeacherError:  # prefix tokens that cannot be told only matter to masking: count none
+            return 0
 
     # --- reporting and clean-up -----------------------------------------------------------------------------------
     def supervision_cost(self, *, img_size: Tuple[int, int], student: Optional[nn.Module] = None,

@@ -149,9 +149,12 @@ def build_renorm(*, student: Optional[nn.Module], teacher: nn.Module,
 
 
 def check_channels(*, teacher: nn.Module, samples: Optional[torch.Tensor] = None,
-                   student: Optional[nn.Module] = None) -> None:
-    """Refuse a batch (or a student) whose channel count the teacher cannot take, before its forward fails deep."""
-    expected = layout.input_channels(teacher)
+                   student: Optional[nn.Module] = None, channels: Optional[int] = None) -> None:
+    """Refuse a batch (or a student) whose channel count the teacher cannot take, before its forward fails deep.
+
+    ``channels``: the teacher's ``layout.input_channels``, when the caller has it already (every step does).
+    """
+    expected = channels if channels is not None else layout.input_channels(teacher)
     if expected is None:
         return
     name = type(unwrap_model(teacher)).__name__
