@@ -257,9 +257,12 @@ class AttentionCapture:
         heads = attn.num_heads
         head_dim = qkv.shape[-1] // (3 * heads)
         batch, tokens = qkv.shape[0], qkv.shape[1]
-        qkv = qkv.detach().float().view(batch, tokens, 3, heads, head_dim)
-        q = attn.q_norm(qkv[:, :1, 0].transpose(1, 2)) if hasattr(attn, "q_norm") else qkv[:, :1, 0].transpose(1, 2)
-        k = attn.k_norm(qkv[:, :, 1].transpose(1, 2)) if hasattr(attn, "k_norm") else qkv[:, :, 1].transpose(1, 2)
+        qkv = qkv.detach().view(batch, tokens, 3, heads, head_dim)
+        # Only the class-token query and the keys are read: cast those to float32, not the whole qkv output (under
+        # AMP that copy was the size of qkv itself, every step).
+        q, k = qkv[:, :1, 0].float().transpose(1, 2), qkv[:, :, 1].float().transpose(1, 2)
+        q = attn.q_norm(q) if hasattr(attn, "q_norm") else q
+        k = attn.k_norm(k) if hasattr(attn, "k_norm") else k
         scale = float(getattr(attn, "scale", head_dim ** -0.5))
         probs = torch.softmax((q.float() * scale) @ k.float().transpose(-2, -1), dim=-1)  # (B, H, 1, N)
         # (B, N) over every token, mean over heads as the paper reads it. Which of the N are patches is decided in

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -173,7 +173,6 @@ class TokenMeter:
     patches_total: int = 0
     prefix_tokens: int = 0
     probe_tokens: int = 0    # extra tokens the fidelity probe ran (quality.FidelityProbe), not in ``tokens``
-    last: Dict[str, int] = field(default_factory=dict)
 
     def update(self, *, batch: int, prefix: int, kept: int, patches: int) -> None:
         self.images += batch
@@ -182,7 +181,6 @@ class TokenMeter:
         self.patches_kept += batch * kept
         self.patches_total += batch * patches
         self.prefix_tokens += batch * prefix
-        self.last = {"images": batch, "tokens": batch * (prefix + kept), "kept_patches": kept}
 
     @property
     def kept_fraction(self) -> float:
@@ -197,4 +195,3 @@ class TokenMeter:
     def reset(self) -> None:
         self.images = self.tokens = self.tokens_full = 0
         self.patches_kept = self.patches_total = self.prefix_tokens = self.probe_tokens = 0
-        self.last = {}

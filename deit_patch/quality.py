@@ -23,6 +23,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .masking import random_indices
+
 GUARD_ACTIONS = ("warn", "fallback", "off")
 GUARD_FALLBACKS = ("random", "full")  # same keep count with random patches / every patch (no saving)
 
@@ -147,8 +149,7 @@ class FidelityProbe:
     def random_keep(self, batch: int, patches: int, kept: int, device: torch.device) -> torch.Tensor:
         if self._generator is None or self._generator.device != torch.device(device):
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
-        noise = torch.rand(batch, patches, device=device, generator=self._generator)
-        return noise.topk(kept, dim=1, sorted=False).indices.sort(dim=1).values
+        return random_indices(batch, patches, kept, device=device, generator=self._generator)
 
     def record(self, *, full: torch.Tensor, random: torch.Tensor, chosen: torch.Tensor,
                labels: Optional[torch.Tensor]) -> ProbeResult:
