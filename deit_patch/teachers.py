@@ -140,7 +140,7 @@ def verify_family(teacher: nn.Module, family: TeacherFamily, *, batch: int = 2) 
     pooling, another prefix token, a timm version whose forward changed) would otherwise give a silently wrong
     teacher signal. The patches are kept in a shuffled order (for families whose output ignores the order): a
     positional term that did not follow its token (a rotary table, a relative position bias) then shows. One probe
-    batch at the size the teacher was built for, in eval mode; the global RNG is left untouched.
+    batch at a size the teacher surely takes (layout.probe_image_size), in eval mode; the global RNG is left untouched.
     """
     model = unwrap_model(teacher)
     size = layout.probe_image_size(model)
@@ -339,13 +339,6 @@ def _timm_class(module: str, name: str) -> Optional[type]:
         return None
 
 
-def _timm_function(module: str, name: str) -> Optional[Callable]:
-    try:
-        return getattr(__import__(f"timm.models.{module}", fromlist=[name]), name, None)
-    except ImportError:
-        return None
-
-
 def _is_timm(module: str, name: str) -> Callable[[nn.Module], bool]:
     def matches(model: nn.Module) -> bool:
         cls = _timm_class(module, name)
@@ -354,6 +347,11 @@ def _is_timm(module: str, name: str) -> Callable[[nn.Module], bool]:
 
 
 # --- timm VisionTransformer: vit_*, deit_*, deit_*_distilled, deit3_*, vit_*_r*, vitamin (timm 0.4.12 .. 1.0.x) ---
+def _norm_pre(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    norm = getattr(model, "norm_pre", None)  # timm >= 0.6 ViTs; absent before and in other families
+    return norm(tokens) if norm is not None else tokens
+
+
 def _vit_embed(model: nn.Module, images: torch.Tensor) -> Tuple[torch.Tensor, int]:
     patches = model.patch_embed(images)
     if _pos_embed_knows_prefix(model):
@@ -366,7 +364,7 @@ def _vit_embed(model: nn.Module, images: torch.Tensor) -> Tuple[torch.Tensor, in
 
 
 def _vit_finish(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    tokens = getattr(model, "norm_pre", nn.Identity())(tokens)
+    tokens = _norm_pre(model, tokens)
     tokens = model.norm(model.blocks(tokens))
     if hasattr(model, "forward_head"):
         return model.forward_head(tokens)
@@ -529,7 +527,7 @@ def _relpos_forward(model: nn.Module, images: torch.Tensor, keep_idx: Optional[t
         tokens = gather_patches(tokens, keep_idx, prefix)
         rows = kept_rows(keep_idx.to(tokens.device), prefix)
         shared = _pairs(shared, rows) if shared is not None else None
-    tokens = getattr(model, "norm_pre", nn.Identity())(tokens)
+    tokens = _norm_pre(model, tokens)
     with _biases_at_kept_pairs(owners, rows):
         tokens = _run_blocks(model, tokens, shared_rel_pos=shared)
     return model.forward_head(model.norm(tokens))
@@ -571,7 +569,7 @@ def _eva_forward(model: nn.Module, images: torch.Tensor, keep_idx: Optional[torc
         tokens = gather_patches(tokens, keep_idx, prefix)
         if rope is not None:
             rope = _gather_rope(tokens, rope, keep_idx, mixed)
-    tokens = getattr(model, "norm_pre", nn.Identity())(tokens)
+    tokens = _norm_pre(model, tokens)
     for depth, block in enumerate(model.blocks):
         tokens = block(tokens, rope=rope[depth] if mixed and rope is not None else rope)
     return model.forward_head(model.norm(tokens))

@@ -3,10 +3,10 @@
 ``MaskedLogitDistillationTask`` and ``MaskedTokenDistillationTask`` take exactly the constructor arguments of
 timm's ``LogitDistillationTask`` / ``TokenDistillationTask`` plus ``keep_ratio``, ``num_keep`` and ``mask_mode``.
 timm's own ``forward`` computes everything (task loss, ``normalize_input``, temperature, loss weights); the only
-thing that changes is the module the ``DistillationTeacher`` calls: a ``TeacherMasker`` that picks the patches the
-student attended to (``capture.AttentionCapture``) and runs the teacher on its prefix tokens plus those patches
-(``teachers.pruned_forward``). So the teacher input is normalised once, by timm, and with nothing masked the task
-is timm's task unchanged.
+thing that changes is the module the ``DistillationTeacher`` calls: a ``MaskedTeacher`` (``masked_teacher.py``) that
+picks the patches the student attended to (``capture.AttentionCapture``) and runs the teacher on its prefix tokens
+plus those patches (``teachers.pruned_forward``). So the teacher input is normalised once, by timm, and with nothing
+masked the task is timm's task unchanged.
 
 timm gained ``timm.task`` (``LogitDistillationTask``) in 1.0.23 and ``TokenDistillationTask`` in 1.0.25. On a
 timm without them this module still imports (``has_logit_task`` / ``has_token_task`` say so), and the classes are
@@ -327,7 +327,7 @@ if has_logit_task:
         """timm's ``LogitDistillationTask`` whose teacher sees only the patches the student attends to.
 
         Constructor: exactly ``timm.task.LogitDistillationTask``'s arguments, plus
-          keep_ratio: fraction of teacher patches kept (default 0.5 with a patch-token teacher, 1.0 with a CNN),
+          keep_ratio: fraction of teacher patches kept (default 0.5 with a maskable teacher, 1.0 with any other),
           num_keep: an absolute count instead (98 of 196 in the paper),
           mask_mode: 'attention' (default: the student's last-layer class-token attention), 'random',
             'teacher' (analysis only: an extra full teacher pass) or 'none',

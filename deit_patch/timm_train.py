@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="timm's train.py (from a pytorch-image-models checkout matching the installed timm)")
     parser.error_prefix = "deit_patch.timm_train: "
     parser.add_argument("--keep-ratio", type=keep_fraction, default=None,
-                        help="fraction of teacher patches kept (default 0.5 with a ViT-family teacher, 1.0 with a CNN)")
+                        help="fraction of teacher patches kept (default 0.5 with a teacher a masked family "
+                             "describes, 1.0 (unmasked) with any other)")
     parser.add_argument("--num-keep", type=positive_int, default=None, help="absolute teacher patch count instead")
     parser.add_argument("--mask-mode", default=None, choices=sorted(MASK_MODES) + ["none"],
                         help="how patches are chosen (default attention: the student's class-token attention)")
@@ -169,7 +170,7 @@ def _check_keep_fits(name: str, ours: argparse.Namespace) -> None:
     import torch
     from timm import create_model, is_model
     from . import layout
-    from .teachers import find_family
+    from .teachers import find_family, unmaskable_reason
     if not is_model(name):
         return  # a name train.py resolves some other way (hf-hub:, a local folder): checked when it is built
     try:
@@ -181,8 +182,8 @@ def _check_keep_fits(name: str, ours: argparse.Namespace) -> None:
                                                            ("--num-keep", ours.num_keep)) if value is not None)
     if find_family(teacher) is None:
         if ours.num_keep is not None or ours.keep_ratio != 1.0:
-            raise TimmTrainError(f"{flags}: the KD teacher {name} ({type(teacher).__name__}) has no patch tokens to "
-                                 "mask; a CNN teacher runs unmasked, so drop the flag")
+            raise TimmTrainError(f"{flags}: the KD teacher {name} ({type(teacher).__name__}) cannot be masked "
+                                 f"({unmaskable_reason(teacher)}); it distils unmasked, so drop the flag")
         return
     patches = layout.num_patches(teacher)
     if patches is None or (ours.num_keep is not None and layout.is_dynamic_size(teacher) and ours.keep_ratio is None):

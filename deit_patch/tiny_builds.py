@@ -52,7 +52,7 @@ def _vitamin() -> Dict[str, Any]:
 
 
 _HIERA = dict(img_size=(64, 64), embed_dim=16, num_heads=1, stages=(1, 1, 1, 1), mask_unit_size=(4, 4),
-              global_pos_size=(2, 2))
+              global_pos_size=(2, 2), q_pool=2)  # 2 poolings of a 4 x 4 unit: any whole number of units masks
 _GEMMA = dict(img_size=48, patch_size=8, embed_dim=32, depth=2, num_heads=2, head_dim=16, intermediate_size=64,
               position_embedding_size=64)
 _QWEN = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, pos_embed_grid_size=4)

@@ -114,9 +114,13 @@ def test_an_abbreviated_train_py_flag_is_read_as_train_py_reads_it(wrapper):
     refused(wrapper, ["--kd-model", *TEACHER[1:], "--num-keep", "40"], "(16 patches)")
 
 
-def test_a_cnn_teacher_with_a_keep_setting_is_refused(wrapper):
-    refused(wrapper, ["--kd-model-name", "resnet10t", "--keep-ratio", "0.5"], "--keep-ratio 0.5",
-            "resnet10t", "no patch tokens to mask")
+@pytest.mark.parametrize("teacher, why", [
+    ("resnet10t", "a convolutional network"),
+    ("swin_tiny_patch4_window7_224", "shifted-window attention"),  # was told it was a CNN with no patch tokens
+])
+def test_an_unmaskable_teacher_with_a_keep_setting_is_refused_with_its_reason(teacher, why, wrapper):
+    refused(wrapper, ["--kd-model-name", teacher, "--keep-ratio", "0.5"], "--keep-ratio 0.5", teacher,
+            "cannot be masked", why, "distils unmasked")
 
 
 def test_a_valid_keep_setting_runs(wrapper):
