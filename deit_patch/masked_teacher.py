@@ -30,7 +30,8 @@ from .masking import MASK_MODES, check_keep_ratio, choose_patches, resolve_num_k
 from .quality import FidelityProbe, MaskGuard, TeacherQuality
 from .teacher_input import InputRenorm, TeacherInputError, check_channels, check_resolution
 from .layout import unwrap_model
-from .teachers import PrunedTeacher, UnsupportedTeacherError, find_family, pruned_forward, require_family, verify_family
+from .teachers import (PrunedTeacher, UnsupportedTeacherError, find_family, pruned_forward, require_family,
+                       snap_keep, verify_family)
 
 DEFAULT_KEEP_RATIO = 0.5  # the paper's 98 of 196 patches
 # The largest KD temperature the losses take: above it the float32 softened distributions differ by less than
@@ -400,7 +401,7 @@ class MaskedTeacher(nn.Module):
         # features) is that pass.
         references = self._probe_references(x, patches=patches, kept=kept) if probing else None
         logits = self._run_pruned(x, keep_idx)
-        self._count(images, kept=kept, keep_idx=keep_idx, grid=grid)
+        self._count(images, kept=int(keep_idx.shape[1]), keep_idx=keep_idx, grid=grid)
         if references is not None:
             count = references[0].shape[0]
             self._judge(self.probe.record(full=references[0], random=references[1], chosen=logits[:count],
@@ -414,8 +415,11 @@ class MaskedTeacher(nn.Module):
             capture = _GivenScores(scores, grid)
         elif capture is not None and capture.always:
             self.teacher(x)  # 'teacher' mode, analysis only: one extra full teacher pass to read its attention
-        return choose_patches(self.mask_mode, capture=capture, batch_size=batch, image_hw=image_hw, grid=grid,
-                              num_keep=kept, device=x.device)
+        keep_idx = choose_patches(self.mask_mode, capture=capture, batch_size=batch, image_hw=image_hw, grid=grid,
+                                  num_keep=kept, device=x.device)
+        # What the teacher really keeps (Hiera: whole mask units), so keep_idx, the token count and the plots
+        # describe the pass that runs.
+        return snap_keep(self.teacher, keep_idx, self.family)
 
     def _run_pruned(self, x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
         if self.capture is not None and self.capture.always:

@@ -671,12 +671,12 @@ def _hiera_snap(model: nn.Module, keep_idx: torch.Tensor) -> torch.Tensor:
     keep_units = max(1, min(num_units, int(round(int(keep_idx.shape[1]) / unit_size))))
     votes = torch.zeros(keep_idx.shape[0], num_units, device=keep_idx.device)
     votes.scatter_add_(1, _hiera_units(model, keep_idx), torch.ones_like(keep_idx, dtype=votes.dtype))
-    units = votes.topk(keep_units, dim=1).indices.sort(dim=1).values  # ties go to the lower unit index
+    units = votes.topk(keep_units, dim=1).indices  # ties go to the lower unit index
     rows, cols = (int(s) for s in model.tokens_spatial_shape)
-    grid = torch.arange(rows * cols, device=keep_idx.device).reshape(1, rows * cols)
-    member = _hiera_units(model, grid.expand(keep_idx.shape[0], -1))  # (B, N) unit of every token
-    chosen = (member.unsqueeze(-1) == units.unsqueeze(1)).any(-1)
-    return grid.expand(keep_idx.shape[0], -1)[chosen].view(keep_idx.shape[0], keep_units * unit_size)
+    member = _hiera_units(model, torch.arange(rows * cols, device=keep_idx.device)[None])[0]  # unit of each token
+    unit_tokens = member.argsort(stable=True).view(num_units, unit_size)  # each unit's tokens, in raster order
+    # Gathered, not selected by a boolean mask: no nonzero(), so no host sync and no graph break under compile.
+    return unit_tokens[units].flatten(1).sort(dim=1).values
 
 
 def _hiera_forward(model: nn.Module, images: torch.Tensor, keep_idx: Optional[torch.Tensor]) -> torch.Tensor:
@@ -690,6 +690,8 @@ def _hiera_forward(model: nn.Module, images: torch.Tensor, keep_idx: Optional[to
     mask = torch.zeros(keep_idx.shape[0], num_units, dtype=torch.bool, device=images.device)
     units = _hiera_units(model, keep_idx)
     mask.scatter_(1, units, torch.ones_like(units, dtype=torch.bool))
+    # One host sync per Hiera step, kept on purpose: a forward handed patches that are not whole units must refuse
+    # rather than silently run other patches (pruned_forward snaps first, so through it this always holds).
     if not bool((mask.sum(1) * int(model.mu_size) == keep_idx.shape[1]).all()):
         raise UnsupportedTeacherError("Hiera keeps whole mask units: pass keep indices through snap_keep first")
     return model.forward_head(model.forward_features(images, mask=mask))

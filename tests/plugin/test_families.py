@@ -310,3 +310,24 @@ def test_vitkd_on_a_teacher_without_vit_blocks_is_refused_by_name():
         MaskedDistillationLoss(nn.CrossEntropyLoss(), model, "soft", 0.5, 1.0, student=student_for(entry),
                                keep_ratio=0.5, feature_kd="vitkd", teacher_mean=(0.5,) * 3, teacher_std=(0.5,) * 3,
                                student_mean=(0.5,) * 3, student_std=(0.5,) * 3)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.4, 0.3])
+def test_hiera_step_reports_the_whole_units_it_ran(keep):
+    # The step used to return and count the chosen patches while the teacher ran on whole mask units around them.
+    from deit_patch.masked_teacher import MaskedTeacher
+    model = build("hiera")
+    entry, _ = CASES["hiera"]
+    unit = int(model.mu_size)
+    masked = MaskedTeacher(model, keep_ratio=keep, mask_mode="random")
+    x = images(entry, batch=2)
+    logits, keep_idx = masked(x)
+    assert masked.last_step.num_kept == keep_idx.shape[1] and keep_idx.shape[1] % unit == 0
+    with torch.no_grad():  # the whole units of every kept patch are kept: an independent count per sample
+        rows, cols = model.tokens_spatial_shape
+        unit_rows, unit_cols = model.mask_unit_size
+        unit_of = [(i // cols) // unit_rows * (cols // unit_cols) + (i % cols) // unit_cols for i in range(rows * cols)]
+        for sample in keep_idx.tolist():
+            units = {unit_of[i] for i in sample}
+            assert len(sample) == len(units) * unit
+        torch.testing.assert_close(logits, pruned_forward(model, x, keep_idx))
