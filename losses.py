@@ -232,12 +232,15 @@ class DistillationLoss(nn.Module):
         # them, and the feature terms then train nothing. On the third call (two optimizer steps after the first),
         # heads that get gradients but have not moved are reported; one host sync, once.
         self._head_calls = getattr(self, "_head_calls", 0) + 1
+        if self._head_calls > 3:  # checked once: every later step returns here
+            return
         params = [p for p in self.feature_kd.heads.parameters() if p.requires_grad]
         if self._head_calls == 1:
             self._head_sums = torch.stack([p.detach().double().sum() for p in params])
         elif self._head_calls == 3:
             moved = not torch.equal(self._head_sums, torch.stack([p.detach().double().sum() for p in params]))
-            graded = any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params)
+            grads = [p.grad.detach().abs().sum() for p in params if p.grad is not None]
+            graded = bool(torch.stack(grads).sum() > 0) if grads else False  # one sync, not one per parameter
             if graded and not moved:
                 warnings.warn("the ViTKD heads (criterion.feature_heads) get gradients but have not changed after two "
                               "steps: they are not in your optimizer, so the feature terms train nothing. Add them: "

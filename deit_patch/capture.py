@@ -235,6 +235,7 @@ class AttentionCapture:
         self.model = class_token_owner(model, self.attn, role="teacher" if always else "student")
         self.prefix = layout.prefix_tokens(self.model)
         self.grid = layout.patch_grid(self.model)
+        self._grids: dict = {}
         self.always = always
         self.enabled = True
         self.compiled = is_compiled(model)
@@ -271,7 +272,9 @@ class AttentionCapture:
 
     def patch_grid_for(self, image_hw: Optional[Tuple[int, int]]) -> Optional[Tuple[int, int]]:
         """(rows, cols) of this model's patch grid for an ``image_hw`` input (None when it has no patch embedding)."""
-        return layout.patch_grid(self.model, image_hw)
+        if image_hw not in self._grids:  # layout walks the model's attributes: once per resolution, not per step
+            self._grids[image_hw] = layout.patch_grid(self.model, image_hw)
+        return self._grids[image_hw]
 
     def take(self, batch_size: int, *, image_hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """Scores (B, num_patches) of the last captured forward; consumed, so a stale batch can never be reused.

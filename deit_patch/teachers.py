@@ -538,11 +538,18 @@ register_family(TeacherFamily("vit_relpos", _is_timm("vision_transformer_relpos"
 
 
 # --- timm Eva: EVA-02, EVA-01, DINOv3, Perception Encoder, RoPE-ViTs (rotary position embedding) ---------------
+@functools.lru_cache(maxsize=None)
+def _takes(function: Callable, parameter: str) -> bool:
+    """Whether ``function`` (a plain function or an unbound method: no model is kept alive) has ``parameter``: a
+    question about the installed timm, answered once, not on every step."""
+    return parameter in inspect.signature(function).parameters
+
+
 def _gather_rope(tokens: torch.Tensor, rope: torch.Tensor, keep_idx: torch.Tensor, mixed: bool) -> torch.Tensor:
     """The rotary table at the kept patches, shaped as timm's Eva shapes it after its own patch dropout."""
     from timm import layers
     apply = getattr(layers, "apply_keep_indices_nlc", None)
-    if apply is not None and "pos_embed_has_batch" in inspect.signature(apply).parameters:
+    if apply is not None and _takes(apply, "pos_embed_has_batch"):
         # timm >= 1.0: one gather for every rope layout (shared table, per-head, per-depth)
         gathered = apply(tokens, rope, keep_idx)
         return gathered.transpose(0, 1) if mixed else gathered.unsqueeze(1)
@@ -583,7 +590,7 @@ def _naflex_forward(model: nn.Module, images: torch.Tensor, keep_idx: Optional[t
     # The image path, not the NaFlex (coordinates) path: the two sample the position embedding differently (up to
     # 1e-2 apart on a small model), and the unmasked teacher runs the image path.
     embed_step = getattr(model, "_forward_embeds", None)
-    if embed_step is None or "patch_coord" not in inspect.signature(embed_step).parameters:
+    if embed_step is None or not _takes(type(model)._forward_embeds, "patch_coord"):
         raise UnsupportedTeacherError("this timm's NaFlexViT has no _forward_embeds(x, patch_coord, ...): upgrade "
                                       "timm, or distil unmasked with keep_ratio=1.0")
     embedded = embed_step(images, patch_coord=None, patch_valid=None, attn_mask=None)
@@ -593,10 +600,8 @@ def _naflex_forward(model: nn.Module, images: torch.Tensor, keep_idx: Optional[t
     if keep_idx is not None:
         keep_idx = keep_idx.to(tokens.device)
         tokens = gather_patches(tokens, keep_idx, prefix)
-        if rope is not None and mixed:
-            rope = [_gather_rope(tokens, layer_rope, keep_idx, mixed=True).transpose(0, 1) for layer_rope in rope]
-        elif rope is not None:
-            rope = _gather_rope(tokens, rope, keep_idx, mixed=False)
+        if rope is not None:  # a mixed table is one (depth, ...) tensor: one gather for every block
+            rope = _gather_rope(tokens, rope, keep_idx, mixed=mixed)
     layer_ropes = list(rope) if rope is not None and mixed else [rope] * len(model.blocks)
     for block, layer_rope in zip(model.blocks, layer_ropes):
         tokens = block(tokens, attn_mask=attn_mask) if layer_rope is None else block(
@@ -680,7 +685,7 @@ def _hiera_snap(model: nn.Module, keep_idx: torch.Tensor) -> torch.Tensor:
 
 
 def _hiera_forward(model: nn.Module, images: torch.Tensor, keep_idx: Optional[torch.Tensor]) -> torch.Tensor:
-    if "mask" not in inspect.signature(model.forward_features).parameters:
+    if not _takes(type(model).forward_features, "mask"):
         raise UnsupportedTeacherError(f"teacher Hiera cannot be masked: {UNMASKABLE_STRUCTURE['Hiera']}: upgrade "
                                       "timm, or distil unmasked with keep_ratio=1.0")
     if keep_idx is None:

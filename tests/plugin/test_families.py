@@ -44,6 +44,7 @@ CASES = {
     "naflexvit": (TINY_BUILDS["naflexvit.NaFlexVit"], "naflexvit"),
     "naflexvit_cls": (TinyBuild("naflexvit_base_patch16_gap", dict(VIT, class_token=True, global_pool="token")),
                       "naflexvit"),
+    "naflexvit_rope_mixed": (TinyBuild("naflexvit_base_patch16_gap", dict(VIT, rope_type="mixed")), "naflexvit"),
     "hiera": (TINY_BUILDS["hiera.Hiera"], "hiera"),
     "xcit": (TINY_BUILDS["xcit.Xcit"], "xcit"),
 }
