@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from deit_patch.cost import SupervisionCost, TokenMeter
 from deit_patch.features import build_feature_kd, heads_gflops
 from deit_patch.layout import unwrap_model
-from deit_patch.masked_teacher import (DEFAULT_KEEP_RATIO, MAX_TAU, MaskedTeacher, TeacherStep, all_reduce_sum,
-                                      check_mask_mode, check_models)
+from deit_patch.masked_teacher import (DEFAULT_KEEP_RATIO, MaskedTeacher, TeacherStep, all_reduce_sum,
+                                      check_mask_mode, check_models, check_tau)
 from deit_patch.teacher_input import build_renorm, check_channels
 from deit_patch.teachers import find_family
 
@@ -80,13 +80,6 @@ def _check_models(base_criterion: object, teacher: object, student: object) -> N
         raise TypeError(f"base_criterion={base_criterion!r} is not callable: pass a loss module such as "
                         "nn.CrossEntropyLoss() (or timm's SoftTargetCrossEntropy() with mixup)")
     check_models(teacher=teacher, student=student, teacher_name="teacher_model")
-
-
-def _check_tau(tau: object) -> None:
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 < float(tau) <= MAX_TAU:
-        # NaN fails every comparison, so it lands here too.
-        raise ValueError(f"tau={tau!r} must be a finite positive temperature <= {MAX_TAU:g} (DeiT uses 1.0): above "
-                         "it the float32 softened distributions differ by less than rounding and the KD term is noise")
 
 
 def check_call(inputs: torch.Tensor, outputs: torch.Tensor, outputs_kd: torch.Tensor, labels: object) -> None:
@@ -170,7 +163,7 @@ class DistillationLoss(nn.Module):
         _check_finite(alpha=alpha)
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"alpha={alpha} must lie in [0, 1]: loss = (1 - alpha) * base + alpha * kd")
-        _check_tau(tau)
+        check_tau(tau)
         self.base_criterion = base_criterion
         self.distillation_type = distillation_type
         self.alpha, self.tau = float(alpha), float(tau)

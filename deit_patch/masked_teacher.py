@@ -37,7 +37,14 @@ DEFAULT_KEEP_RATIO = 0.5  # the paper's 98 of 196 patches
 # The largest KD temperature the losses take: above it the float32 softened distributions differ by less than
 # rounding and the KD term is noise (measured: 0.1% off a float64 reference at 1e3, 5% at 1e4, negative at 1e5,
 # NaN once tau^2 overflows).
-MAX_TAU = 1e3
+MAX_TAU = 1e3  # float32 KD against a float64 reference: 0.1% off at 1e3, 5% at 1e4, NaN by 1e20
+
+
+def check_tau(tau: object, *, name: str = "tau") -> None:
+    """A distillation temperature: a real number in (0, MAX_TAU] (NaN fails every comparison, so it lands here)."""
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 < float(tau) <= MAX_TAU:
+        raise ValueError(f"{name}={tau!r} must be a finite positive temperature <= {MAX_TAU:g} (DeiT uses 1.0): above "
+                         "it the float32 softened distributions differ by less than rounding and the KD term is noise")
 
 
 class TeacherModeWarning(UserWarning):

@@ -26,7 +26,7 @@ import torch.nn as nn
 from . import layout
 from .layout import unwrap_model
 from .cost import SupervisionCost, TokenMeter
-from .masked_teacher import MAX_TAU, MaskedTeacher, check_mask_mode, check_num_keep
+from .masked_teacher import MaskedTeacher, check_mask_mode, check_num_keep, check_tau
 from .quality import quality_summary
 
 try:
@@ -290,13 +290,10 @@ def _check_numbers(given: Dict[str, Any]) -> None:
         value = given.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-            raise ValueError(f"{name}={value!r} must be a finite number")
-        if name == "temperature" and value > MAX_TAU:
-            raise ValueError(f"temperature={value!r} must be <= {MAX_TAU:g}: above it the float32 softened "
-                             "distributions differ by less than rounding and the distillation loss is noise")
-        if (value <= 0) if name == "temperature" else (value < 0):
-            raise ValueError(f"{name}={value!r} must be {'> 0' if name == 'temperature' else '>= 0'}")
+        if name == "temperature":
+            check_tau(value, name=name)
+        elif isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= float(value) < math.inf:
+            raise ValueError(f"{name}={value!r} must be a finite number >= 0")
 
 
 def bind_task_args(cls: type, args: tuple, kwargs: Dict[str, Any]) -> Dict[str, Any]:

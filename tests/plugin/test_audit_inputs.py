@@ -277,7 +277,7 @@ def _task(**kwargs):
 
 
 @pytest.mark.parametrize("bad,err,match", [
-    (dict(temperature=1e6), ValueError, "temperature=1000000.0 must be <= 1000"),
+    (dict(temperature=1e6), ValueError, "temperature=1000000.0 must be a finite positive temperature <= 1000"),
     (dict(keep_ratio=True), TypeError, "keep_ratio=True must be a number"),
     (dict(mask_guard="fallback", probe_every=0), ValueError, "mask_guard='fallback'.*probe_every=0"),
 ])
