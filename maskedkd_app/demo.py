@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 from . import distributed as dist_utils
 from . import preflight, procs, recipes, shipped_teacher
 from .args import parse_args
+from .runlog import read_log
 from .train import main
 
 MAIN = Path(__file__).resolve().parent.parent / "main_maskedkd.py"
@@ -78,15 +79,12 @@ def _distils(arm: str) -> bool:
 def _finished_before(arm: str, out: Path, epochs: int) -> bool:
     """The arm's run in ``out`` already logged its last epoch (an earlier demo): a rerun only reports it, so the
     seconds it takes now are not the arm's training time."""
-    log = out / arm_dir(arm) / "log.txt"
-    if not log.is_file():
-        return False
-    return any(json.loads(line).get("epoch") == epochs - 1 for line in log.read_text().splitlines() if line.strip())
+    return any(record.get("epoch") == epochs - 1 for record in read_log(out / arm_dir(arm) / "log.txt"))
 
 
 def _arm_record(arm: str, out: Path, seconds: Optional[float]) -> Dict:
     """An arm's numbers, read from its run's per-epoch log (the last line is the final epoch)."""
-    lines = [json.loads(line) for line in (out / arm_dir(arm) / "log.txt").read_text().splitlines() if line.strip()]
+    lines = read_log(out / arm_dir(arm) / "log.txt")
     last = lines[-1]
     return {"student_acc1": last["test_acc1"], "student_max_acc1": max(line["test_acc1"] for line in lines),
             "teacher_gflops": last.get("teacher_gflops_per_img", 0.0) if _distils(arm) else 0.0,

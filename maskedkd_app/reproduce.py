@@ -33,6 +33,7 @@ from deit_patch.argtypes import OneLineParser, non_negative_float, non_negative_
 from . import build, procs, shipped_teacher
 from .args import parse_args
 from .recipes import ARMS, CPU_SETUP, arm_argv, teacher_argv
+from .runlog import read_log
 from .train import main as train_main
 
 REPO = Path(__file__).resolve().parent.parent  # children run ``-m maskedkd_app.reproduce`` from here
@@ -131,10 +132,7 @@ def slug(arm: str) -> str:
 
 
 def _epoch_accuracies(out: Path) -> List[float]:
-    log = out / "log.txt"
-    if not log.exists():
-        return []
-    return [json.loads(line)["test_acc1"] for line in log.read_text().splitlines() if line.strip()]
+    return [record["test_acc1"] for record in read_log(out / "log.txt") if "test_acc1" in record]
 
 
 def _record_run(done_file: Path, key: str, record: Dict) -> None:

@@ -8,25 +8,15 @@ Drawn through ``matplotlib.figure.Figure`` (never pyplot), so the process's matp
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .runlog import read_log
+
 PLOT_NAME = "masking.png"
-
-
-def read_log(log: Path) -> List[Dict[str, float]]:
-    """The JSON lines of a run's ``log.txt`` (a line cut short by a crash is skipped)."""
-    lines = []
-    for text in log.read_text().splitlines():
-        try:
-            lines.append(json.loads(text))
-        except json.JSONDecodeError:
-            continue
-    return lines
 
 
 def _series(lines: List[Dict[str, float]], key: str):
