@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from deit_patch.teachers import find_family, pruned_forward
 import losses
 
-from .context import BenchContext, kd_term, release
+from .context import BenchContext, release
 from .models import short_name
 from .report import print_table
 from .supervision import complete_args, print_header, run_meta, setup_device
@@ -124,7 +124,7 @@ def time_steps(ctx: BenchContext, ref: ModuleType) -> List[Dict[str, Any]]:
         def ceiling_loss(out, teacher=teacher, family=family, fixed=fixed):
             with torch.no_grad():
                 t_out = pruned_forward(teacher, x, fixed, family)
-            return F.cross_entropy(out, y) * 0.5 + kd_term(out, t_out, tau=1.0) * 0.5
+            return F.cross_entropy(out, y) * 0.5 + losses.soft_kd(out, t_out, tau=1.0, reduction="numel") * 0.5
 
         steps["ceiling"] = ctx.train_step(s_ceil, ctx.optimizer(s_ceil), ceiling_loss)
         try:

@@ -18,11 +18,11 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from deit_patch.cost import student_gflops, teacher_gflops
+from deit_patch.masking import random_indices
 
-from .models import build_model, keep_count, patch_grid, short_name, topk_sorted
+from .models import build_model, keep_count, patch_grid, short_name
 from .timing import Clock, Stat, interleaved
 
 MODES: Dict[str, Dict[str, Any]] = {
@@ -47,13 +47,6 @@ MODES: Dict[str, Dict[str, Any]] = {
 }
 
 TIMING_ITERS_TO_REPORT = 20  # fewer repetitions: a smoke run, not figures to report
-
-
-def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, tau: float) -> torch.Tensor:
-    """KL(teacher || student) on softened distributions times tau^2, over the number of logits (DeiT's soft KD)."""
-    log_s = F.log_softmax(student_logits.float() / tau, dim=1)
-    log_t = F.log_softmax(teacher_logits.float() / tau, dim=1)
-    return F.kl_div(log_s, log_t, reduction="sum", log_target=True) * (tau * tau) / student_logits.numel()
 
 
 def release(loss: nn.Module) -> None:
@@ -138,8 +131,8 @@ class BenchContext:
     def random_keep_idx(self, teacher: nn.Module, num_keep: int) -> torch.Tensor:
         rows, cols = patch_grid(teacher)
         gen = torch.Generator().manual_seed(self.args.seed + num_keep)
-        noise = torch.rand(self.args.batch_size, rows * cols, generator=gen)
-        return topk_sorted(noise, num_keep).to(self.device)
+        return random_indices(self.args.batch_size, rows * cols, num_keep, device=torch.device("cpu"),
+                              generator=gen).to(self.device)
 
     def teacher_tol(self) -> float:
         return 1e-4 if self.amp_dtype is None else 5e-2

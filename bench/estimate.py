@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict, Optional
 
+from deit_patch.masking import resolve_num_keep
 from deit_patch.quality import FidelityProbe
 
 from .context import BenchContext
@@ -55,7 +56,7 @@ class Estimate:
 
     def teacher_ms(self, spec: str, keep: float, *, floor: bool) -> float:
         info = self.models[spec]
-        k = max(1, min(info["num_patches"], int(round(keep * info["num_patches"]))))
+        k = resolve_num_keep(num_patches=info["num_patches"], keep_ratio=keep, num_keep=None)
         ms = self._ms(self._gmac(spec, None if keep == 1.0 else k))
         if floor:
             return ms
@@ -92,7 +93,7 @@ class Estimate:
             images = min(PROBE_IMAGES, self.args.batch_size)
             small = images / self.args.batch_size * (1 if floor else SMALL_BATCH)
             per_rep = 3 * (S + T[0.5]) + small * (T[1.0] + T[0.5])
-            kept = max(1, min(info["num_patches"], int(round(0.5 * info["num_patches"]))))
+            kept = resolve_num_keep(num_patches=info["num_patches"], keep_ratio=0.5, num_keep=None)
             every = FidelityProbe().interval(batch=self.args.batch_size, patches=info["num_patches"], kept=kept,
                                              prefix=info["num_prefix_tokens"])
             return ((reps + 2) * per_rep + every * T[0.5]) / 1e3

@@ -2,8 +2,9 @@
 
 Models are named by timm name with optional ``create_model`` overrides (``name:key=value:...``), built with random
 weights (``pretrained=False``: nothing is downloaded, and timing does not depend on weights). The references here
-are written from timm's own modules, independently of the plugin: a hand-written gather forward per model kind,
-and the paper-code-style baseline (explicit softmax attention, the last map read from a hook).
+are written from timm's own modules, independently of the plugin's pruned forward: a hand-written gather forward
+per model kind, and the paper-code-style baseline (explicit softmax attention, the last map read from a hook). Keep
+counts, top-k and score resampling are the plugin's own (``deit_patch.masking``), so both sides choose alike.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from deit_patch.masking import resolve_num_keep
 
 
 # --- building --------------------------------------------------------------------------------------------------
@@ -73,27 +75,12 @@ def patch_grid(model: nn.Module) -> Tuple[int, int]:
 
 
 def keep_count(model: nn.Module, keep: float) -> int:
-    """Patches kept at ratio ``keep``: the nearest count, at least one (the plugin's rule; 0.5 of 196 is 98).
+    """Patches kept at ratio ``keep``: the plugin's own rule (``masking.resolve_num_keep``; 0.5 of 196 is 98).
 
     The distillation section checks that the plugin's loss really runs its teacher on this many patches.
     """
     rows, cols = patch_grid(model)
-    return max(1, min(rows * cols, int(round(float(keep) * rows * cols))))
-
-
-def topk_sorted(scores: torch.Tensor, num_keep: int) -> torch.Tensor:
-    """Indices of the ``num_keep`` highest scores per row, ascending (raster order)."""
-    return scores.topk(num_keep, dim=1, sorted=False).indices.sort(dim=1).values
-
-
-def resample_scores(scores: torch.Tensor, src_grid: Tuple[int, int], dst_grid: Tuple[int, int]) -> torch.Tensor:
-    """(B, h*w) scores on another patch grid (a patch14 teacher for a patch16 student): bilinear."""
-    if tuple(src_grid) == tuple(dst_grid):
-        return scores
-    grid = scores.reshape(scores.shape[0], 1, *src_grid).float()
-    shrinking = dst_grid[0] < src_grid[0] or dst_grid[1] < src_grid[1]
-    out = F.interpolate(grid, size=tuple(dst_grid), mode="bilinear", align_corners=False, antialias=shrinking)
-    return out.reshape(scores.shape[0], dst_grid[0] * dst_grid[1])
+    return resolve_num_keep(num_patches=rows * cols, keep_ratio=float(keep), num_keep=None)
 
 
 class TokenCounter:

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from deit_patch.capture import AttentionCapture
 
 from ..context import BenchContext
-from ..models import short_name, topk_sorted
+from deit_patch.masking import topk_indices
+
+from ..models import short_name
 from ..report import fmt, print_table
 from ..timing import paired_ratio, peak_extra_mib
 
@@ -40,7 +42,7 @@ def run(ctx: BenchContext) -> Dict[str, Any]:
                     first_call_s[name] = time.perf_counter() - t0
         got, want = captures["compiled+capture"].take(batch), captures["eager+capture"].take(batch)
         err = (got - want).abs().max().item()
-        if err > 1e-4 or not torch.equal(topk_sorted(got, got.shape[1] // 2), topk_sorted(want, want.shape[1] // 2)):
+        if err > 1e-4 or not torch.equal(topk_indices(got, got.shape[1] // 2), topk_indices(want, want.shape[1] // 2)):
             raise RuntimeError(f"compiled student's scores differ from the eager student's (max abs {err:.3g})")
         for name, model in models.items():
             capture = captures.get(name)

@@ -13,12 +13,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deit_patch.masking import resample_scores, topk_indices
 from deit_patch.teachers import pruned_forward
-from losses import DistillationLoss, MaskedDistillationLoss
+from losses import DistillationLoss, MaskedDistillationLoss, soft_kd
 
-from ..context import BenchContext, kd_term, release
-from ..models import (MapHook, TokenCounter, patch_grid, reference_forward, resample_scores, set_fused_attn,
-                      short_name, topk_sorted)
+from ..context import BenchContext, release
+from ..models import MapHook, TokenCounter, patch_grid, reference_forward, set_fused_attn, short_name
 from ..report import fmt, print_table
 from ..timing import paired_ratio, peak_extra_mib
 from .teacher import require_masking
@@ -56,15 +56,15 @@ def run(ctx: BenchContext, teachers: Optional[List[str]] = None,
             def ceiling_loss(out, teacher=teacher, family=family, fixed_idx=fixed_idx):
                 with torch.no_grad():
                     t_out = pruned_forward(teacher, x, fixed_idx, family)
-                return F.cross_entropy(out, y) * (1 - alpha) + kd_term(out, t_out, tau=tau) * alpha
+                return F.cross_entropy(out, y) * (1 - alpha) + soft_kd(out, t_out, tau=tau, reduction="numel") * alpha
 
             def paper_loss(out, t_paper=t_paper, t_grid=t_grid, k=k):
                 with torch.no_grad():
                     scores = maps.cls_row(s_prefix)
-                    scores = resample_scores(scores, s_grid, t_grid)
-                    idx = topk_sorted(scores, k)
+                    scores = resample_scores(scores, src_grid=s_grid, dst_grid=t_grid)
+                    idx = topk_indices(scores, k)
                     t_out = reference_forward(t_paper, x, idx)
-                return F.cross_entropy(out, y) * (1 - alpha) + kd_term(out, t_out, tau=tau) * alpha
+                return F.cross_entropy(out, y) * (1 - alpha) + soft_kd(out, t_out, tau=tau, reduction="numel") * alpha
 
             steps = {
                 "full": lambda: ctx.train_step(s_full, opts[id(s_full)],

@@ -9,7 +9,8 @@ import timm
 import torch
 import torch.nn as nn
 
-from bench.models import TokenCounter, keep_count, reference_forward, topk_sorted
+from bench.models import TokenCounter, keep_count, reference_forward
+from deit_patch.masking import topk_indices
 from deit_patch.teachers import find_family, pruned_forward
 from tinymodels import tiny
 
@@ -80,9 +81,9 @@ def test_keep_count_is_the_nearest_count_and_at_least_one():
     assert keep_count(Grid(4, 4), 1.0) == 16
 
 
-def test_topk_sorted_and_token_counter():
+def test_topk_indices_and_token_counter():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.8, 0.2, 0.6, 0.1]])
-    assert topk_sorted(scores, 2).tolist() == [[1, 3], [0, 2]]
+    assert topk_indices(scores, 2).tolist() == [[1, 3], [0, 2]]
     model = tiny("deit_tiny_patch16_224").eval()
     counter = TokenCounter(model)
     with torch.no_grad():
