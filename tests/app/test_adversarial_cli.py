@@ -10,7 +10,7 @@ import pytest
 
 from maskedkd_app import engine, train
 
-from test_bad_inputs import FAST, STUDENT, distil, log_lines, refused, run_cli, set_flag, teacher_ckpt  # noqa: F401
+from cli_helpers import FAST, STUDENT, distil, log_lines, refused, run_cli, set_flag
 
 BASE = STUDENT + FAST
 
@@ -32,7 +32,7 @@ def test_malformed_model_kwargs_are_refused(items, says, capsys):
     ("--model-kwargs", "pretrained=True", "--finetune"),
     ("--teacher-kwargs", "num_classes=5", "data set's class count"),
 ])
-def test_kwargs_a_flag_of_the_run_sets_are_refused(flag, item, says, teacher_ckpt, capsys):  # noqa: F811
+def test_kwargs_a_flag_of_the_run_sets_are_refused(flag, item, says, teacher_ckpt, capsys):
     argv = BASE + distil(teacher_ckpt)
     argv.insert(argv.index(flag) + 1, item)
     refused(argv, capsys, f"{flag} {item.split('=')[0]}=", says)
@@ -65,7 +65,7 @@ def test_input_size_not_a_multiple_of_the_patch_is_refused(capsys):
     refused(set_flag(BASE, "--input-size", "30"), capsys, "--input-size 30", "patch size 8", "24 or 32")
 
 
-def test_a_teacher_patch_that_does_not_divide_the_input_is_refused(teacher_ckpt, capsys):  # noqa: F811
+def test_a_teacher_patch_that_does_not_divide_the_input_is_refused(teacher_ckpt, capsys):
     argv = set_flag(BASE + distil(teacher_ckpt), "--input-size", "24")  # student patch 8 fits, teacher 16 not
     argv[argv.index("--teacher-kwargs") + 1] = "patch_size=16"
     refused(argv, capsys, "--teacher-model", "patch size 16", "16 or 32")
@@ -247,7 +247,7 @@ def test_mask_study_refuses_a_root_without_a_reproduction_and_bad_numbers(argv, 
     (["--distillation-tau", "5000"], "--distillation-tau 5000", "above 1000"),  # the loss refused it by its own name
     (["--mask-guard", "fallback", "--probe-every", "0"], "--probe-every 0", "turns off"),
 ])
-def test_loss_settings_the_plugin_refuses_are_refused_by_their_flag(extra, flag, says, teacher_ckpt,  # noqa: F811
+def test_loss_settings_the_plugin_refuses_are_refused_by_their_flag(extra, flag, says, teacher_ckpt,
                                                                      capsys):
     # The loss refuses these too, but in its own parameter names (tau=, probe_every=) after the teacher is built.
     refused(BASE + distil(teacher_ckpt) + extra, capsys, flag, says)

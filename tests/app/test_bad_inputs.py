@@ -12,68 +12,19 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from tinymodels import ROOT, tiny, save_tiny_teacher
+from cli_helpers import ENV, FAST, RUN, STUDENT, distil, log_lines, refused, run_cli, set_flag
+from tinymodels import ROOT, tiny
 
 from maskedkd_app.cli import cli
 from maskedkd_app import checkpoint as checkpoint_module
 from maskedkd_app import preflight
 from maskedkd_app.checkpoint import CheckpointError, read_checkpoint, save_atomic
 from maskedkd_app.data import BAD_IMAGES_LOG, count_bad_images
-
-STUDENT = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "depth=2", "embed_dim=64",
-           "num_heads=2"]
-TEACHER = ["--teacher-model", "deit_small_patch16_224", "--teacher-kwargs", "patch_size=8", "depth=2",
-           "embed_dim=96", "num_heads=2"]
-RUN = ["--input-size", "32", "--batch-size", "8", "--epochs", "1", "--num_workers", "0", "--device", "cpu",
-       "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--no-model-ema", "--print-freq", "1", "--no-flops",
-       "--warmup-epochs", "0", "--lr", "2e-3", "--unscale-lr"]
-PROCEDURAL = ["--data-set", "PROCEDURAL", "--procedural-train-size", "16", "--procedural-val-size", "8"]
-FAST = RUN + PROCEDURAL
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
-    return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pth", num_classes=10)
-
-
-def distil(teacher_ckpt):
-    return TEACHER + ["--distillation-type", "soft", "--teacher-path", str(teacher_ckpt)]
-
-
-def set_flag(argv, flag, value):
-    argv = list(argv)
-    argv[argv.index(flag) + 1] = value
-    return argv
-
-
-def run_cli(argv, capsys):
-    code = cli([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.err, captured.out
-
-
-def refused(argv, capsys, *needles):
-    """Exit code 2, one line on stderr naming every needle, and no training step taken."""
-    code, err, out = run_cli(argv, capsys)
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, err
-    assert "Epoch: [" not in out
-    return err
-
-
-def log_lines(out):
-    path = Path(out) / "log.txt"
-    return path.read_text().splitlines() if path.exists() else []
-
 
 # ------------------------------------------------------------------------------------- refused at start-up
 

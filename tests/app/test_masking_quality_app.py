@@ -7,13 +7,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from cli_helpers import STUDENT
 from deit_patch import quality
 from maskedkd_app import train
 from maskedkd_app.args import parse_args
 from maskedkd_app.checkpoint import read_checkpoint
 
-STUDENT = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "depth=2", "embed_dim=64",
-           "num_heads=2"]
 TEACHER_MODEL = ["--model", "vit_small_patch16_224", "--model-kwargs", "patch_size=8", "depth=2", "embed_dim=96",
                  "num_heads=2"]
 FAST = ["--data-set", "PROCEDURAL", "--procedural-train-size", "64", "--procedural-val-size", "32",

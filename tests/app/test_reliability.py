@@ -6,7 +6,6 @@ message that names the flag (or file) and the fix, with nothing trained. Data: t
 models (procedural, not real images).
 """
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -18,7 +17,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tinymodels import ROOT, save_tiny_teacher
+from cli_helpers import ENV, FAST, STUDENT, refused, set_flag
+from cli_helpers import distil as cli_distil
+from tinymodels import ROOT
 
 from maskedkd_app import args as cli_args
 from maskedkd_app import build, engine, maskvis, train
@@ -26,42 +27,11 @@ from maskedkd_app.args import parse_args
 from maskedkd_app.checkpoint import read_checkpoint
 from maskedkd_app.cli import cli
 
-STUDENT = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "patch_size=8", "depth=2", "embed_dim=64",
-           "num_heads=2"]
-TEACHER = ["--teacher-model", "deit_small_patch16_224", "--teacher-kwargs", "patch_size=8", "depth=2",
-           "embed_dim=96", "num_heads=2"]
-FAST = ["--input-size", "32", "--batch-size", "8", "--epochs", "1", "--num_workers", "0", "--device", "cpu",
-        "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--no-model-ema", "--print-freq", "1", "--no-flops",
-        "--warmup-epochs", "0", "--lr", "2e-3", "--unscale-lr", "--data-set", "PROCEDURAL",
-        "--procedural-train-size", "16", "--procedural-val-size", "8"] + STUDENT
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+FAST = FAST + STUDENT  # every run here trains the tiny student
 
 
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
-    return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pth", num_classes=10)
-
-
-def distil(teacher_ckpt, keep="0.5"):
-    return TEACHER + ["--distillation-type", "soft", "--teacher-path", str(teacher_ckpt), "--keep-ratio", keep]
-
-
-def set_flag(argv, flag, value):
-    argv = list(argv)
-    argv[argv.index(flag) + 1] = value
-    return argv
-
-
-def refused(argv, capsys, *needles):
-    """Exit code 2, one line on stderr naming every needle, no traceback, no training step."""
-    code = cli([str(a) for a in argv])
-    captured = capsys.readouterr()
-    assert code == 2, captured.err
-    assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) == 1, captured.err
-    for needle in needles:
-        assert needle in captured.err, captured.err
-    assert "Epoch: [" not in captured.out
-    return captured.err
+def distil(teacher_ckpt, keep="0.5"):  # a masked teacher unless a test says otherwise
+    return cli_distil(teacher_ckpt, keep=keep)
 
 
 @pytest.fixture(scope="module")
