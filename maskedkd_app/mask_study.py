@@ -385,9 +385,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     results["patches_with_ink"] = float((ink > INK).float().mean())
     results["blank_patches"] = float((ink < BLANK).float().mean())
     results["oracles"] = measure(teacher, x, y, ink, border, None, blank=blank)
-    results["teacher_attention"] = {"profile": attention_profile(attention_scores(teacher, x), ink, border),
-                                    **measure(teacher, x, y, ink, border, attention_scores(teacher, x),
-                                              blank=blank)}
+    own = attention_scores(teacher, x)  # one full pass over the images, used twice
+    results["teacher_attention"] = {"profile": attention_profile(own, ink, border),
+                                    **measure(teacher, x, y, ink, border, own, blank=blank)}
     runs = json.loads((root / "runs.json").read_text())
     students: Dict[str, Dict] = {}
     for key, record in sorted(runs.items()):
@@ -447,9 +447,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         snaps = json.loads(done.read_text())
         per_epoch: Dict[str, Dict[str, float]] = {}
         for epoch, path in sorted(snaps["snapshots"].items(), key=lambda kv: int(kv[0])):
-            scores = attention_scores(load_student(targs, Path(path)), x)
+            student = load_student(targs, Path(path))  # each snapshot loaded once
+            scores = attention_scores(student, x)
             got = measure(teacher, x, y, ink, border, scores, keeps=(0.5,))
-            student_preds = teacher_predictions(load_student(targs, Path(path)), x, None).argmax(-1)
+            student_preds = teacher_predictions(student, x, None).argmax(-1)
             per_epoch[epoch] = {"student_acc1": 100.0 * float((student_preds == y).float().mean()),
                                 "student_top_class_share": float(torch.bincount(student_preds).max()) / len(y),
                                 "attention_acc1": got["attention"]["0.5"]["acc1"],
